@@ -1,0 +1,29 @@
+# Every target creates its own environment in $(VENV) on a fresh machine.
+# torch==2.13.0 is installed first: it is the CPU build that lies on this disk; the
+# package itself only asks for torch>=2.1.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.proxrank-installed
+
+.PHONY: test demo bench lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check proxrank tests benchmarks examples
+
+test: lint
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m proxrank demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/prox_cost.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,135 @@
+"""Functional spectral maps on any 2-D tensor or batch of them (shape ``(..., m, n)``).
+
+With ``Y = U diag(s) V^T``:
+
+* :func:`svt` -- ``U diag(max(s - tau, 0)) V^T``, the prox of ``tau ||.||_*`` (soft thresholding);
+* :func:`hard_threshold` -- ``U diag(s [s > sqrt(2 tau)]) V^T``, the prox of ``tau rank(.)``;
+* :func:`project_spectral_ball` -- ``U diag(min(s, r)) V^T``, the projection onto
+  ``{X : ||X||_2 <= r}``; by Moreau's identity ``svt(Y, t) + project_spectral_ball(Y, t) == Y``;
+* :func:`project_rank` -- keep the ``r`` largest singular values, the projection onto
+  ``{X : rank(X) <= r}`` (Eckart-Young);
+* :func:`prox_step` -- a thresholding prox through a chosen backend, as the optimizer uses it.
+
+Half-precision inputs are computed in float32 and returned in their own dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .backends import Backend, ExactBackend, SVDResult, compute_dtype
+from .prox import HardThreshold, ProxMap, SoftThreshold
+
+__all__ = [
+    "ProxResult",
+    "hard_threshold",
+    "project_rank",
+    "project_spectral_ball",
+    "prox_step",
+    "singular_value_map",
+    "svt",
+]
+
+
+class ProxResult(NamedTuple):
+    """Output of :func:`prox_step`: ``X`` (in the compute dtype), the triplets of the input
+    and the mapped singular values ``S_new = phi(svd.S)`` (so ``X = U diag(S_new) Vh``)."""
+
+    X: Tensor
+    svd: SVDResult
+    S_new: Tensor
+
+
+def _check_matrix(Y: Tensor, name: str = "Y") -> None:
+    if not isinstance(Y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(Y).__name__}")
+    if Y.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., m, n); got shape {tuple(Y.shape)}")
+    if not Y.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {Y.dtype}; spectral maps need float16, bfloat16, float32 or float64"
+        )
+
+
+def _check_tau(tau: float | Tensor, name: str = "tau") -> None:
+    t = torch.as_tensor(tau)
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"{name} must be finite and >= 0, got {tau!r}")
+
+
+def _reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
+    return (U * S.unsqueeze(-2)) @ Vh
+
+
+def singular_value_map(Y: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``U diag(fn(s)) V^T`` for ``Y = U diag(s) V^T`` (full SVD; ``fn`` acts on ``(..., k)``)."""
+    _check_matrix(Y)
+    Yc = Y.to(compute_dtype(Y.dtype))
+    U, S, Vh = torch.linalg.svd(Yc, full_matrices=False)
+    return _reconstruct(U, fn(S), Vh).to(Y.dtype)
+
+
+def svt(Y: Tensor, tau: float | Tensor) -> Tensor:
+    """Singular value soft-thresholding: ``argmin_X 0.5 ||X - Y||_F^2 + tau ||X||_*``.
+
+    ``tau`` is a float or a tensor of the batch shape ``Y.shape[:-2]``.
+    """
+    _check_tau(tau)
+    tau = torch.as_tensor(tau, dtype=compute_dtype(Y.dtype), device=Y.device)
+    return singular_value_map(Y, lambda s: SoftThreshold()(s, tau))
+
+
+def hard_threshold(Y: Tensor, tau: float | Tensor) -> Tensor:
+    """Singular value hard-thresholding: ``argmin_X 0.5 ||X - Y||_F^2 + tau rank(X)``
+    (keeps the singular values above ``sqrt(2 tau)``)."""
+    _check_tau(tau)
+    tau = torch.as_tensor(tau, dtype=compute_dtype(Y.dtype), device=Y.device)
+    return singular_value_map(Y, lambda s: HardThreshold()(s, tau))
+
+
+def project_spectral_ball(Y: Tensor, radius: float | Tensor) -> Tensor:
+    """Projection onto the spectral-norm ball ``{X : ||X||_2 <= radius}``:
+    ``s -> min(s, radius)``."""
+    _check_tau(radius, "radius")
+    r = torch.as_tensor(radius, dtype=compute_dtype(Y.dtype), device=Y.device)
+    if r.dim() > 0:
+        r = r.unsqueeze(-1)
+    return singular_value_map(Y, lambda s: torch.minimum(s, r))
+
+
+def project_rank(Y: Tensor, rank: int) -> Tensor:
+    """Projection onto ``{X : rank(X) <= rank}``: keep the ``rank`` largest singular values."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+
+    def keep(s: Tensor) -> Tensor:
+        out = s.clone()
+        out[..., rank:] = 0
+        return out
+
+    return singular_value_map(Y, keep)
+
+
+def prox_step(
+    Y: Tensor,
+    tau: float | Tensor,
+    prox: ProxMap | None = None,
+    backend: Backend | None = None,
+    state: dict[str, Any] | None = None,
+) -> ProxResult:
+    """Apply a thresholding prox map to ``Y`` through ``backend``.
+
+    ``Y`` must already be in its compute dtype (float32 or float64). Returns ``X`` together with
+    the singular triplets the backend computed, so that callers (diagnostics, schedules) reuse
+    them instead of decomposing again.
+    """
+    prox = SoftThreshold() if prox is None else prox
+    backend = ExactBackend() if backend is None else backend
+    tau = torch.as_tensor(tau, dtype=Y.dtype, device=Y.device)
+    result = backend.svd(Y, prox.cutoff(tau), {} if state is None else state)
+    S_new = prox(result.S, tau)
+    return ProxResult(_reconstruct(result.U, S_new, result.Vh), result, S_new)
