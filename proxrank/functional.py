@@ -55,10 +55,13 @@ def _check_matrix(Y: Tensor, name: str = "Y") -> None:
         )
 
 
-def _check_tau(tau: float | Tensor, name: str = "tau") -> None:
-    t = torch.as_tensor(tau)
+def _threshold_arg(tau: float | Tensor, Y: Tensor, name: str = "tau") -> Tensor:
+    """Validate ``Y`` and a non-negative threshold; return it as a tensor in Y's compute dtype."""
+    _check_matrix(Y)
+    t = torch.as_tensor(tau, dtype=compute_dtype(Y.dtype), device=Y.device)
     if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
         raise ValueError(f"{name} must be finite and >= 0, got {tau!r}")
+    return t
 
 
 def _reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
@@ -78,24 +81,21 @@ def svt(Y: Tensor, tau: float | Tensor) -> Tensor:
 
     ``tau`` is a float or a tensor of the batch shape ``Y.shape[:-2]``.
     """
-    _check_tau(tau)
-    tau = torch.as_tensor(tau, dtype=compute_dtype(Y.dtype), device=Y.device)
+    tau = _threshold_arg(tau, Y)
     return singular_value_map(Y, lambda s: SoftThreshold()(s, tau))
 
 
 def hard_threshold(Y: Tensor, tau: float | Tensor) -> Tensor:
     """Singular value hard-thresholding: ``argmin_X 0.5 ||X - Y||_F^2 + tau rank(X)``
     (keeps the singular values above ``sqrt(2 tau)``)."""
-    _check_tau(tau)
-    tau = torch.as_tensor(tau, dtype=compute_dtype(Y.dtype), device=Y.device)
+    tau = _threshold_arg(tau, Y)
     return singular_value_map(Y, lambda s: HardThreshold()(s, tau))
 
 
 def project_spectral_ball(Y: Tensor, radius: float | Tensor) -> Tensor:
     """Projection onto the spectral-norm ball ``{X : ||X||_2 <= radius}``:
     ``s -> min(s, radius)``."""
-    _check_tau(radius, "radius")
-    r = torch.as_tensor(radius, dtype=compute_dtype(Y.dtype), device=Y.device)
+    r = _threshold_arg(radius, Y, "radius")
     if r.dim() > 0:
         r = r.unsqueeze(-1)
     return singular_value_map(Y, lambda s: torch.minimum(s, r))
