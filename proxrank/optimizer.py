@@ -186,6 +186,37 @@ class ProxRank(Optimizer):
             for i, g in enumerate(self.param_groups)
         ]
 
+    def _refresh_targets(self) -> None:
+        """Order the selected matrices as the base optimizer orders its parameters."""
+        position = {}
+        for p in (p for g in self.param_groups for p in g["params"]):
+            position.setdefault(id(p), len(position))
+        chosen = [t for t in self._candidates if id(t.param) in position]
+        if not chosen:
+            raise ValueError(
+                "no weight matrix to apply the prox to: none of the selected parameters "
+                f"({len(self._candidates)} found in model_or_named_params) is trained by the "
+                "optimizer; check include/exclude and that the optimizer holds the model's "
+                "parameters"
+            )
+        chosen.sort(key=lambda t: position[id(t.param)])
+        old = getattr(self, "_target_state", {})
+        self._targets = chosen
+        self._position = {id(t.param): position[id(t.param)] for t in chosen}
+        self._param_of = {id(t.param): t.param for t in chosen}
+        self._target_state: dict[int, dict[str, Any]] = {
+            id(t.param): old.get(id(t.param), {}) for t in chosen
+        }
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the base optimizer; selected matrices in it get the prox."""
+        self._init_group(param_group, where="param_group")
+        self.optimizer.add_param_group(param_group)
+        self._refresh_targets()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
     # -- metric statistics ---------------------------------------------------------------
     def _target_metrics(self, groups: list[tuple[dict[str, Any], tuple]]) -> dict[int, Metric]:
         return {
@@ -233,37 +264,6 @@ class ProxRank(Optimizer):
         as they are; the optimizer keeps working."""
         self._closed = True
         self._input_hooks.remove()
-
-    def _refresh_targets(self) -> None:
-        """Order the selected matrices as the base optimizer orders its parameters."""
-        position = {}
-        for p in (p for g in self.param_groups for p in g["params"]):
-            position.setdefault(id(p), len(position))
-        chosen = [t for t in self._candidates if id(t.param) in position]
-        if not chosen:
-            raise ValueError(
-                "no weight matrix to apply the prox to: none of the selected parameters "
-                f"({len(self._candidates)} found in model_or_named_params) is trained by the "
-                "optimizer; check include/exclude and that the optimizer holds the model's "
-                "parameters"
-            )
-        chosen.sort(key=lambda t: position[id(t.param)])
-        old = getattr(self, "_target_state", {})
-        self._targets = chosen
-        self._position = {id(t.param): position[id(t.param)] for t in chosen}
-        self._param_of = {id(t.param): t.param for t in chosen}
-        self._target_state: dict[int, dict[str, Any]] = {
-            id(t.param): old.get(id(t.param), {}) for t in chosen
-        }
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group to the base optimizer; selected matrices in it get the prox."""
-        self._init_group(param_group, where="param_group")
-        self.optimizer.add_param_group(param_group)
-        self._refresh_targets()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # -- the step ------------------------------------------------------------------------
     def _raise_if_nonfinite(self, when: str, grads: bool) -> None:
