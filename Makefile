@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.proxrank-installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench bench-zero-shot lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/prox_cost.py
+
+# one-shot compression accuracy (no fine-tuning) per metric on sklearn digits
+bench-zero-shot: $(STAMP)
+	$(PY) benchmarks/zero_shot.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -9,6 +9,18 @@ that pushes each weight matrix toward low rank (singular value thresholding)::
 
 from . import functional
 from .backends import Backend, ExactBackend, SVDResult
+from .compress import LayerCompression, compress
+from .metrics import (
+    ActivationMetric,
+    AdamMetric,
+    EuclideanMetric,
+    FisherMetric,
+    Metric,
+    TwoSidedMetric,
+    Weighting,
+    weighted_prox,
+    weighted_truncate,
+)
 from .optimizer import ProxRank
 from .prox import HardThreshold, ProxMap, SoftThreshold
 from .selection import DEFAULT_MODULE_TYPES, Target, select_targets
@@ -17,15 +29,26 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
+    "ActivationMetric",
+    "AdamMetric",
     "Backend",
+    "EuclideanMetric",
     "ExactBackend",
+    "FisherMetric",
     "HardThreshold",
+    "LayerCompression",
+    "Metric",
     "ProxMap",
     "ProxRank",
     "SVDResult",
     "SoftThreshold",
     "Target",
+    "TwoSidedMetric",
+    "Weighting",
     "__version__",
+    "compress",
     "functional",
     "select_targets",
+    "weighted_prox",
+    "weighted_truncate",
 ]

@@ -13,14 +13,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import Backend, compute_dtype, get_backend
-from .functional import prox_step
+from .metrics import InputHooks, Metric, Weighting, get_metric, weighted_prox_step
 from .prox import ProxMap, get_prox
 from .selection import Selector, Target, select_targets
 
 __all__ = ["ProxRank"]
 
 #: Options a param group may override; anything not set in a group takes the wrapper's value.
-GROUP_OPTIONS = ("lam", "prox")
+GROUP_OPTIONS = ("lam", "prox", "metric")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class _Job:
     state: dict[str, Any]
     tau: float
     prox: ProxMap
+    weighting: Weighting | None = None
 
 
 def _check_lam(value: Any, where: str) -> float:
@@ -73,6 +74,16 @@ class ProxRank(Optimizer):
         backend: how singular triplets are computed (``"exact"``: full ``torch.linalg.svd``).
         check_finite: raise before anything changes when a selected weight or its gradient is
             not finite (one device synchronisation per step).
+        metric: the metric the prox is taken in (:mod:`proxrank.metrics`): ``"euclidean"``
+            (default), ``"fisher"``, ``"adam"``, ``"activation"``, ``"two_sided"`` or a
+            :class:`proxrank.metrics.Metric`; a param group's ``"metric"`` key overrides it.
+            With ``A``, ``B`` the metric's row and column weights the step is
+            ``W <- A^{-1/2} prox(A^{1/2} W B^{1/2}) B^{-1/2}``. Statistics live in each matrix's
+            proxrank state (so in ``state_dict``). Gradient statistics are read in
+            :meth:`step` before the base step, or, with a ``closure``, after it (the gradients
+            of the closure's last evaluation). Input statistics come from forward pre-hooks on
+            the layers (training mode only), registered only while a group uses such a metric
+            and removed by :meth:`close` or when the optimizer is garbage-collected.
 
     Example::
 
@@ -91,6 +102,7 @@ class ProxRank(Optimizer):
         exclude: Selector | Sequence[Selector] | None = None,
         backend: str | Backend = "exact",
         check_finite: bool = True,
+        metric: str | Metric = "euclidean",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -105,6 +117,7 @@ class ProxRank(Optimizer):
             **optimizer.defaults,
             "lam": _check_lam(lam, "lam"),
             "prox": prox if isinstance(prox, ProxMap) else prox_map.name,
+            "metric": metric if isinstance(metric, Metric) else get_metric(metric).name,
         }
         self.backend = get_backend(backend)
         self.check_finite = bool(check_finite)
@@ -117,9 +130,18 @@ class ProxRank(Optimizer):
         self._patch_step_function()
 
         self._candidates = select_targets(model_or_named_params, include, exclude)
+        self._modules = {}
+        if isinstance(model_or_named_params, nn.Module):
+            for t in self._candidates:
+                owner = t.name.rpartition(".")[0]
+                self._modules[id(t.param)] = model_or_named_params.get_submodule(owner)
+        self._input_hooks = InputHooks(self, ProxRank._observe_input)
+        self._hooked_metric: dict[int, Metric] = {}
+        self._closed = False
         for i, group in enumerate(self.param_groups):
             self._init_group(group, where=f"param_groups[{i}]")
         self._refresh_targets()
+        self._sync_input_hooks(self._resolved_groups())
         #: Number of completed steps (base step + prox).
         self.step_count = 0
 
@@ -154,7 +176,15 @@ class ProxRank(Optimizer):
     def _group_options(self, group: dict[str, Any], where: str = "param group") -> tuple:
         lam = _check_lam(group["lam"], f"{where}['lam']")
         prox = get_prox(group["prox"], option=f"{where}['prox']")
-        return lam, prox
+        metric = get_metric(group["metric"], option=f"{where}['metric']")
+        metric.check_optimizer(self.optimizer)
+        return lam, prox, metric
+
+    def _resolved_groups(self) -> list[tuple[dict[str, Any], tuple]]:
+        return [
+            (g, self._group_options(g, f"param_groups[{i}]"))
+            for i, g in enumerate(self.param_groups)
+        ]
 
     def _refresh_targets(self) -> None:
         """Order the selected matrices as the base optimizer orders its parameters."""
@@ -173,6 +203,7 @@ class ProxRank(Optimizer):
         old = getattr(self, "_target_state", {})
         self._targets = chosen
         self._position = {id(t.param): position[id(t.param)] for t in chosen}
+        self._param_of = {id(t.param): t.param for t in chosen}
         self._target_state: dict[int, dict[str, Any]] = {
             id(t.param): old.get(id(t.param), {}) for t in chosen
         }
@@ -185,6 +216,54 @@ class ProxRank(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- metric statistics ---------------------------------------------------------------
+    def _target_metrics(self, groups: list[tuple[dict[str, Any], tuple]]) -> dict[int, Metric]:
+        return {
+            id(p): metric
+            for group, (_, _, metric) in groups
+            for p in group["params"]
+            if id(p) in self._target_state
+        }
+
+    def _sync_input_hooks(self, groups: list[tuple[dict[str, Any], tuple]]) -> None:
+        """Forward pre-hooks exactly on the layers whose metric needs inputs (none after
+        :meth:`close`)."""
+        names = {id(t.param): t.name for t in self._targets}
+        wanted = {k: m for k, m in self._target_metrics(groups).items() if m.needs_inputs}
+        for key, metric in wanted.items():
+            metric.check_module(names[key], self._modules.get(key))
+        self._hooked_metric = wanted
+        if self._closed:
+            return
+        for key in self._input_hooks.keys() - set(wanted):
+            self._input_hooks.discard(key)
+        for key in wanted:
+            self._input_hooks.add(key, self._modules[key])
+
+    def _observe_input(self, key: int, x: Tensor) -> None:
+        metric = self._hooked_metric.get(key)
+        module = self._modules[key]
+        if metric is not None and module.training:
+            dtype = compute_dtype(module.weight.dtype)
+            metric.observe_input(self._target_state[key], x.to(dtype))
+
+    @torch.no_grad()
+    def _observe_grads(self, groups: list[tuple[dict[str, Any], tuple]]) -> None:
+        for key, metric in self._target_metrics(groups).items():
+            if not metric.needs_grads:
+                continue
+            p = self._param_of[key]
+            if p.grad is not None and not p.grad.is_sparse:
+                g = p.grad.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
+                metric.observe_grad(self._target_state[key], g)
+
+    def close(self) -> None:
+        """Remove the forward hooks the ``"activation"``/``"two_sided"`` metrics use (also
+        done when the optimizer is garbage-collected). Afterwards their input statistics stay
+        as they are; the optimizer keeps working."""
+        self._closed = True
+        self._input_hooks.remove()
 
     # -- the step ------------------------------------------------------------------------
     def _raise_if_nonfinite(self, when: str, grads: bool) -> None:
@@ -209,13 +288,15 @@ class ProxRank(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Base optimizer step (``closure`` passed through), then the prox on every selected
         matrix. Returns what the base step returns (the closure's loss)."""
-        groups = [
-            (g, self._group_options(g, f"param_groups[{i}]"))
-            for i, g in enumerate(self.param_groups)
-        ]
+        groups = self._resolved_groups()
         if self.check_finite and closure is None:
             self._raise_if_nonfinite("before the step (nothing was changed)", grads=True)
+        self._sync_input_hooks(groups)
+        if closure is None:
+            self._observe_grads(groups)
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        if closure is not None:
+            self._observe_grads(groups)
         if self.check_finite:
             self._raise_if_nonfinite("after the base optimizer's step", grads=False)
         self._apply_prox(groups)
@@ -228,16 +309,21 @@ class ProxRank(Optimizer):
             self._run_batch(batch)
 
     def _collect_jobs(self, groups: list[tuple[dict[str, Any], tuple]]) -> list[_Job]:
-        """One job per selected matrix whose group has ``lam > 0``: ``tau = lam * lr``."""
+        """One job per selected matrix whose group has ``lam > 0``: ``tau = lam * lr``, and its
+        group metric's weighting (all computed before any weight is written)."""
         jobs = []
-        for group, (lam, prox) in groups:
+        for group, (lam, prox, metric) in groups:
             if lam == 0:
                 continue
             tau = lam * float(group["lr"])
             for p in group["params"]:
                 state = self._target_state.get(id(p))
                 if state is not None:
-                    jobs.append(_Job(p, state, tau, prox))
+                    shape = (p.shape[0], p.numel() // p.shape[0])
+                    weighting = metric.weighting(state, self.optimizer.state.get(p, {}), shape)
+                    if weighting is not None:
+                        weighting = weighting.to(compute_dtype(p.dtype))
+                    jobs.append(_Job(p, state, tau, prox, weighting))
         return jobs
 
     def _batches(self, jobs: list[_Job]) -> Iterable[list[_Job]]:
@@ -250,7 +336,9 @@ class ProxRank(Optimizer):
         for job in batch:
             p = job.param
             W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-            result = prox_step(W, job.tau, job.prox, self.backend, job.state)
+            result = weighted_prox_step(
+                W, job.tau, job.prox, self.backend, job.state, job.weighting
+            )
             p.copy_(result.X.reshape(p.shape))
 
     # -- checkpoints ---------------------------------------------------------------------

@@ -1,0 +1,519 @@
+r"""Metrics for the proximal step: Euclidean, Fisher-weighted and data-aware.
+
+A metric is a pair of symmetric positive definite matrices ``A`` (rows, ``m x m``) and ``B``
+(columns, ``n x n``) defining the inner product ``<X, Y> = tr(X^T A Y B)`` on ``m x n``
+matrices. In that metric the prox of ``tau ||A^{1/2} W B^{1/2}||_*`` (or of any spectral
+regulariser ``g``: the rank penalty, a rank constraint) is
+
+    prox(Y) = A^{-1/2} prox_g(A^{1/2} Y B^{1/2}) B^{-1/2},
+
+because ``Z = A^{1/2} X B^{1/2}`` is an isometry from that metric to the Frobenius one. So a
+metric maps ``W -> A^{1/2} W B^{1/2}`` before the backend and back after (:class:`Weighting`),
+and the same map turns the Eckart-Young truncation into the weighted one:
+``A^{-1/2} [A^{1/2} W B^{1/2}]_r B^{-1/2}`` minimises ``||A^{1/2} (W - X) B^{1/2}||_F`` over
+``rank(X) <= r``.
+
+Each :class:`Metric` turns statistics kept in a matrix's proxrank state into ``A`` and ``B``
+(``None`` = identity; a vector = a diagonal matrix; a square matrix = a full one):
+
+=================  ==================================  ==================================
+``"euclidean"``    ``A = I``                            ``B = I``
+``"fisher"``       ``diag(sum_j F_ij)`` (side="out")    or ``diag(sum_i F_ij)`` (side="in")
+``"adam"``         as fisher, with ``F`` = the base optimizer's ``exp_avg_sq``
+``"activation"``   ``A = I``                            ``E[x x^T]`` (its diagonal when wide)
+``"two_sided"``    fisher, side="out"                   activation
+=================  ==================================  ==================================
+
+``F_ij`` is a running mean of squared gradients ``(dL/dW_ij)^2`` (the empirical Fisher, FWSVD);
+``x`` the layer's input (ASVD, SVD-LLM). A statistic ``S`` becomes a weight by normalising it
+to mean diagonal one and damping it:
+
+    A = (S / mean(diag S) + damping I) / (1 + damping),
+
+so ``A`` is SPD with eigenvalues ``>= damping / (1 + damping)`` and ``tr(A) = m``: the weights
+are relative importances and ``tau = lam * lr`` keeps the scale it has in the Euclidean case
+(this also makes the EMA's start-up bias irrelevant). A side with no statistics yet (no
+gradient seen, no forward pass) is the identity.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .backends import Backend, compute_dtype
+from .functional import ProxResult, project_rank, prox_step
+from .prox import ProxMap, get_prox
+
+__all__ = [
+    "ActivationMetric",
+    "AdamMetric",
+    "EuclideanMetric",
+    "FisherMetric",
+    "Metric",
+    "TwoSidedMetric",
+    "Weighting",
+    "damped",
+    "get_metric",
+    "weighted_prox",
+    "weighted_truncate",
+]
+
+#: Base-optimizer state keys holding a running mean of squared gradients (``"adam"`` metric):
+#: Adam/AdamW/NAdam/RAdam/SparseAdam, RMSprop/Adadelta, Adagrad (a running sum).
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "square_avg", "sum")
+#: torch optimizers known to keep no second moment.
+_NO_SECOND_MOMENT = (
+    torch.optim.SGD,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
+    torch.optim.LBFGS,
+    torch.optim.Adamax,
+)
+
+
+# -- the change of variables -----------------------------------------------------------------
+def _left(M: Tensor | None, W: Tensor) -> Tensor:
+    if M is None:
+        return W
+    return M.unsqueeze(-1) * W if M.dim() == 1 else M @ W
+
+
+def _right(W: Tensor, M: Tensor | None) -> Tensor:
+    if M is None:
+        return W
+    return W * M if M.dim() == 1 else W @ M
+
+
+def _sqrt_pair(M: Tensor | None, name: str) -> tuple[Tensor | None, Tensor | None]:
+    """``(M^{1/2}, M^{-1/2})`` of an SPD matrix or of a positive vector (a diagonal matrix)."""
+    if M is None:
+        return None, None
+    if M.dim() == 1:
+        if not bool((M > 0).all()) or not bool(torch.isfinite(M).all()):
+            raise ValueError(f"{name} must have finite entries > 0 (a diagonal SPD matrix)")
+        return M.sqrt(), M.rsqrt()
+    if M.dim() != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"{name} must be a vector or a square matrix, got shape {tuple(M.shape)}")
+    lam, V = torch.linalg.eigh(0.5 * (M + M.mT))
+    if not bool((lam > 0).all()) or not bool(torch.isfinite(lam).all()):
+        raise ValueError(
+            f"{name} must be symmetric positive definite (smallest eigenvalue "
+            f"{float(lam.min()):.3g}); add damping, e.g. {name} + eps * I"
+        )
+    return (V * lam.sqrt()) @ V.mT, (V * lam.rsqrt()) @ V.mT
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """The isometry ``W -> A^{1/2} W B^{1/2}`` of a metric ``(A, B)`` and its inverse.
+
+    Each factor is ``None`` (identity), a vector (diagonal) or a square matrix.
+    """
+
+    a_half: Tensor | None = None
+    a_inv_half: Tensor | None = None
+    b_half: Tensor | None = None
+    b_inv_half: Tensor | None = None
+
+    @classmethod
+    def from_spd(cls, A: Tensor | None = None, B: Tensor | None = None) -> Weighting:
+        """From SPD ``A`` (``m x m`` or its diagonal ``(m,)``) and ``B`` (``n x n`` or ``(n,)``),
+        used exactly as given (no normalisation, no damping)."""
+        a_half, a_inv_half = _sqrt_pair(A, "A")
+        b_half, b_inv_half = _sqrt_pair(B, "B")
+        return cls(a_half, a_inv_half, b_half, b_inv_half)
+
+    def to_metric(self, W: Tensor) -> Tensor:
+        """``A^{1/2} W B^{1/2}``."""
+        return _left(self.a_half, _right(W, self.b_half))
+
+    def from_metric(self, Z: Tensor) -> Tensor:
+        """``A^{-1/2} Z B^{-1/2}``."""
+        return _left(self.a_inv_half, _right(Z, self.b_inv_half))
+
+    def apply(self, fn: Callable[[Tensor], Tensor], W: Tensor) -> Tensor:
+        """``A^{-1/2} fn(A^{1/2} W B^{1/2}) B^{-1/2}``: a spectral map taken in this metric."""
+        return self.from_metric(fn(self.to_metric(W)))
+
+    def to(self, dtype: torch.dtype) -> Weighting:
+        return Weighting(*(None if t is None else t.to(dtype) for t in self._factors()))
+
+    def _factors(self) -> tuple[Tensor | None, ...]:
+        return (self.a_half, self.a_inv_half, self.b_half, self.b_inv_half)
+
+
+def weighted_prox(
+    Y: Tensor,
+    tau: float,
+    A: Tensor | None = None,
+    B: Tensor | None = None,
+    prox: str | ProxMap = "soft",
+) -> Tensor:
+    """``A^{-1/2} prox(A^{1/2} Y B^{1/2}, tau) B^{-1/2}``: the prox of
+    ``tau g(A^{1/2} X B^{1/2})`` in the metric ``||X||^2 = tr(X^T A X B)`` (``g`` the nuclear
+    norm for ``prox="soft"``, the rank for ``"hard"``). ``A``, ``B``: SPD matrices, positive
+    vectors (diagonal) or ``None`` (identity). ``Y``: one ``m x n`` matrix, float32/float64."""
+    return weighted_prox_step(Y, tau, get_prox(prox), None, None, Weighting.from_spd(A, B)).X
+
+
+def weighted_truncate(
+    W: Tensor, rank: int, A: Tensor | None = None, B: Tensor | None = None
+) -> Tensor:
+    """``A^{-1/2} [A^{1/2} W B^{1/2}]_r B^{-1/2}`` (``[.]_r``: the ``r`` largest singular
+    triplets): the minimiser of ``||A^{1/2} (W - X) B^{1/2}||_F`` over ``rank(X) <= r``."""
+    return Weighting.from_spd(A, B).apply(lambda Z: project_rank(Z, rank), W)
+
+
+def weighted_prox_step(
+    W: Tensor,
+    tau: float | Tensor,
+    prox: ProxMap,
+    backend: Backend | None,
+    state: dict[str, Any] | None,
+    weighting: Weighting | None,
+) -> ProxResult:
+    """:func:`proxrank.functional.prox_step` taken in a metric: ``X`` is mapped back to the
+    weight's coordinates; the triplets and ``S_new`` are those of ``A^{1/2} W B^{1/2}``. With
+    ``weighting=None`` this is ``prox_step`` itself."""
+    if weighting is None:
+        return prox_step(W, tau, prox, backend, state)
+    result = prox_step(weighting.to_metric(W), tau, prox, backend, state)
+    return ProxResult(weighting.from_metric(result.X), result.svd, result.S_new)
+
+
+# -- statistics --------------------------------------------------------------------------------
+def damped(stat: Tensor | None, damping: float) -> Tensor | None:
+    """``(S / mean(diag S) + damping I) / (1 + damping)`` for a PSD statistic ``S`` (a vector
+    standing for a diagonal matrix, or a square matrix); ``None`` when ``S`` is ``None`` or zero
+    (no information yet: identity)."""
+    if stat is None:
+        return None
+    diag = stat if stat.dim() == 1 else stat.diagonal()
+    mean = diag.mean()
+    if not bool(torch.isfinite(stat).all()):
+        raise ValueError("metric statistics are not finite (inf/NaN gradients or activations)")
+    if float(mean) <= 0:
+        return None
+    normed = stat / mean
+    if stat.dim() == 1:
+        return (normed.clamp_min(0) + damping) / (1 + damping)
+    eye = torch.eye(stat.shape[0], dtype=stat.dtype, device=stat.device)
+    return (normed + damping * eye) / (1 + damping)
+
+
+def _accumulate(state: dict[str, Any], key: str, value: Tensor, beta: float | None) -> None:
+    """``state[key]``: EMA ``s_t = beta s_{t-1} + (1 - beta) v_t`` from ``s_0 = 0``, or with
+    ``beta=None`` the plain mean of all ``v_t``; ``state[key + "_count"] = t``. A new tensor is
+    stored each time (saved state dicts are not mutated)."""
+    count = int(state.get(f"{key}_count", 0)) + 1
+    old = state.get(key)
+    if beta is None:
+        new = value if old is None else old + (value - old) / count
+    else:
+        new = (1 - beta) * value if old is None else beta * old + (1 - beta) * value
+    state[key] = new
+    state[f"{key}_count"] = count
+
+
+def _check_damping(damping: Any) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, int | float):
+        raise TypeError(f"damping must be a real number > 0, got {damping!r}")
+    if not math.isfinite(damping) or damping <= 0:
+        raise ValueError(
+            f"damping must be finite and > 0 (it keeps A^(-1/2) finite), got {damping!r}; try 1e-2"
+        )
+    return float(damping)
+
+
+def _check_beta(beta: Any) -> float | None:
+    if beta is None:
+        return None
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 1:
+        raise ValueError(f"beta must be in [0, 1) (EMA decay) or None (plain mean), got {beta!r}")
+    return float(beta)
+
+
+def _check_side(side: Any) -> str:
+    if side not in ("out", "in"):
+        raise ValueError(
+            f"side must be 'out' (weights on output features: rows, A) or 'in' (input "
+            f"features: columns, B), got {side!r}"
+        )
+    return side
+
+
+def _as_pair(side: str, vec: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    return (vec, None) if side == "out" else (None, vec)
+
+
+def _side_sum(side: str, M: Tensor) -> Tensor:
+    """Row sums (``side="out"``, one per output feature) or column sums of ``M`` (``m x n``)."""
+    return M.sum(dim=1) if side == "out" else M.sum(dim=0)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+class Metric(abc.ABC):
+    """A metric ``(A, B)`` for the prox, built from statistics in a matrix's proxrank state.
+
+    ``needs_grads``: :meth:`observe_grad` is called once per optimizer step with the weight's
+    gradient. ``needs_inputs``: :meth:`observe_input` is called on every forward pass of the
+    layer (a forward pre-hook) with its input.
+    """
+
+    name: str = ""
+    needs_grads: bool = False
+    needs_inputs: bool = False
+
+    def __init__(self, *, damping: float = 1e-2) -> None:
+        self.damping = _check_damping(damping)
+
+    def observe_grad(self, state: dict[str, Any], grad: Tensor) -> None:
+        """Update statistics from the gradient ``grad`` (``m x n``, compute dtype)."""
+        return None  # this metric needs nothing here
+
+    def observe_input(self, state: dict[str, Any], x: Tensor) -> None:
+        """Update statistics from a layer input ``x`` (``(..., n)``, compute dtype)."""
+        return None  # this metric needs nothing here
+
+    def check_optimizer(self, optimizer: Optimizer) -> None:
+        """Raise when this metric cannot work with ``optimizer``."""
+        return None  # this metric needs nothing here
+
+    def check_module(self, name: str, module: nn.Module | None) -> None:
+        """Raise when this metric cannot gather statistics for the weight ``name`` of
+        ``module`` (``None``: selected from named parameters, no module known)."""
+        return None  # this metric needs nothing here
+
+    @abc.abstractmethod
+    def statistics(
+        self, state: dict[str, Any], base_state: dict[str, Any], shape: tuple[int, int]
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Raw statistics ``(S_A, S_B)`` for a matrix of ``shape`` (``None``: identity).
+        ``base_state``: the base optimizer's state of the parameter."""
+
+    def weighting(
+        self, state: dict[str, Any], base_state: dict[str, Any], shape: tuple[int, int]
+    ) -> Weighting | None:
+        """The damped, normalised metric as a :class:`Weighting` (``None``: Euclidean)."""
+        a, b = (damped(s, self.damping) for s in self.statistics(state, base_state, shape))
+        if a is None and b is None:
+            return None
+        return Weighting.from_spd(a, b)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class EuclideanMetric(Metric):
+    """``A = I``, ``B = I``: the plain prox (the default)."""
+
+    name = "euclidean"
+
+    def statistics(self, state, base_state, shape):
+        return None, None
+
+
+class FisherMetric(Metric):
+    """Diagonal empirical-Fisher weights (FWSVD): ``F_ij`` a running mean of ``(dL/dW_ij)^2``,
+    stored summed over one side as ``state["fisher"]``.
+
+    ``side="out"``: ``A = diag(sum_j F_ij)`` (one weight per output feature), ``B = I``;
+    ``side="in"``: ``B = diag(sum_i F_ij)``, ``A = I``. ``beta``: EMA decay per observation, or
+    ``None`` for the plain mean (one-shot compression). The gradient is the mini-batch gradient
+    the optimizer sees (the usual cheap stand-in for per-sample gradients).
+    """
+
+    name = "fisher"
+    needs_grads = True
+
+    def __init__(
+        self, *, side: str = "out", beta: float | None = 0.99, damping: float = 1e-2
+    ) -> None:
+        super().__init__(damping=damping)
+        self.side = _check_side(side)
+        self.beta = _check_beta(beta)
+
+    def observe_grad(self, state, grad):
+        _accumulate(state, "fisher", _side_sum(self.side, grad * grad), self.beta)
+
+    def statistics(self, state, base_state, shape):
+        return _as_pair(self.side, state.get("fisher"))
+
+
+class AdamMetric(Metric):
+    """The fisher metric's weights taken from the base optimizer's second moment
+    (``exp_avg_sq``; ``square_avg`` for RMSprop/Adadelta; ``sum`` for Adagrad) at no extra cost.
+    ``side`` as for :class:`FisherMetric`."""
+
+    name = "adam"
+
+    def __init__(self, *, side: str = "out", damping: float = 1e-2) -> None:
+        super().__init__(damping=damping)
+        self.side = _check_side(side)
+
+    def _error(self, what: str) -> ValueError:
+        return ValueError(
+            f"metric='adam' needs the base optimizer's second-moment state "
+            f"({'/'.join(SECOND_MOMENT_KEYS)}), but {what}; use an Adam-type base optimizer "
+            "or metric='fisher' (which gathers squared gradients itself)"
+        )
+
+    def check_optimizer(self, optimizer):
+        if isinstance(optimizer, _NO_SECOND_MOMENT):
+            raise self._error(f"{type(optimizer).__name__} keeps none")
+
+    def statistics(self, state, base_state, shape):
+        if not base_state:
+            return None, None
+        key = next((k for k in SECOND_MOMENT_KEYS if k in base_state), None)
+        if key is None:
+            raise self._error(f"its state has only {sorted(base_state)}")
+        v = base_state[key].reshape(shape)
+        return _as_pair(self.side, _side_sum(self.side, v.to(compute_dtype(v.dtype))))
+
+
+class ActivationMetric(Metric):
+    """Data-aware ``B = E[x x^T]`` from the layer's inputs ``x`` (SVD-LLM), or its diagonal
+    ``diag(E[x_k^2])`` (ASVD-like) when the layer has more than ``max_full`` input features;
+    ``A = I``. Gathered by a forward pre-hook into ``state["activation"]`` (``beta``: EMA decay
+    per forward call, ``None``: plain mean). Only ``nn.Linear`` layers: a convolution's columns
+    are ``(in, kh, kw)`` patches, which this metric does not unfold."""
+
+    name = "activation"
+    needs_inputs = True
+
+    def __init__(
+        self, *, max_full: int = 4096, beta: float | None = 0.99, damping: float = 1e-2
+    ) -> None:
+        super().__init__(damping=damping)
+        if isinstance(max_full, bool) or not isinstance(max_full, int) or max_full < 0:
+            raise ValueError(f"max_full must be an int >= 0, got {max_full!r}")
+        self.max_full = max_full
+        self.beta = _check_beta(beta)
+
+    def check_module(self, name, module):
+        if module is None:
+            raise ValueError(
+                f"metric={self.name!r} gathers layer inputs with forward hooks and needs the "
+                f"model: pass the nn.Module as model_or_named_params (weight {name!r})"
+            )
+        if type(module) is not nn.Linear:
+            raise ValueError(
+                f"metric={self.name!r} supports nn.Linear weights only; {name!r} belongs to a "
+                f"{type(module).__name__}: exclude it, or give its param group "
+                "metric='fisher' or 'euclidean'"
+            )
+
+    def observe_input(self, state, x):
+        X = x.reshape(-1, x.shape[-1])
+        if X.shape[1] <= self.max_full:
+            stat = X.mT @ X / X.shape[0]
+        else:
+            stat = (X * X).mean(dim=0)
+        _accumulate(state, "activation", stat, self.beta)
+
+    def statistics(self, state, base_state, shape):
+        return None, state.get("activation")
+
+
+class TwoSidedMetric(Metric):
+    """K-FAC-like: ``A`` from gradients (:class:`FisherMetric`, ``side="out"``), ``B`` from
+    inputs (:class:`ActivationMetric`); both gathered as those metrics gather them."""
+
+    name = "two_sided"
+    needs_grads = True
+    needs_inputs = True
+
+    def __init__(
+        self, *, max_full: int = 4096, beta: float | None = 0.99, damping: float = 1e-2
+    ) -> None:
+        super().__init__(damping=damping)
+        self.fisher = FisherMetric(side="out", beta=beta, damping=damping)
+        self.activation = ActivationMetric(max_full=max_full, beta=beta, damping=damping)
+
+    def observe_grad(self, state, grad):
+        self.fisher.observe_grad(state, grad)
+
+    def observe_input(self, state, x):
+        self.activation.observe_input(state, x)
+
+    def check_module(self, name, module):
+        self.activation.check_module(name, module)
+
+    def statistics(self, state, base_state, shape):
+        return (
+            self.fisher.statistics(state, base_state, shape)[0],
+            self.activation.statistics(state, base_state, shape)[1],
+        )
+
+
+_METRICS: dict[str, type[Metric]] = {
+    m.name: m for m in (EuclideanMetric, FisherMetric, AdamMetric, ActivationMetric, TwoSidedMetric)
+}
+
+
+def get_metric(metric: str | Metric, *, option: str = "metric", **kwargs: Any) -> Metric:
+    """Resolve a metric name (its class built with ``kwargs``) or pass a :class:`Metric`
+    instance through."""
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str) and metric in _METRICS:
+        return _METRICS[metric](**kwargs)
+    raise ValueError(
+        f"{option}={metric!r} is not a known metric; use one of {sorted(_METRICS)} "
+        "or a proxrank.metrics.Metric instance"
+    )
+
+
+# -- forward hooks -----------------------------------------------------------------------------
+class InputHooks:
+    """Forward pre-hooks feeding layer inputs to ``sink(key, x)``; the hooks hold ``sink`` only
+    through a weak reference to ``owner`` (so they never keep it alive) and are all removed by
+    :meth:`remove` or when ``owner`` is garbage-collected."""
+
+    def __init__(self, owner: Any, sink: Callable[[Any, int, Tensor], None]) -> None:
+        self._handles: dict[int, Any] = {}
+        self._owner = weakref.ref(owner)
+        self._sink = sink
+        self._finalizer = weakref.finalize(owner, _remove_handles, self._handles)
+
+    def keys(self) -> set[int]:
+        return set(self._handles)
+
+    def add(self, key: int, module: nn.Module) -> None:
+        if key in self._handles:
+            return
+        owner_ref, sink = self._owner, self._sink
+
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            owner = owner_ref()
+            if owner is not None and args and isinstance(args[0], Tensor):
+                with torch.no_grad():
+                    sink(owner, key, args[0].detach())
+
+        self._handles[key] = module.register_forward_pre_hook(hook)
+
+    def discard(self, key: int) -> None:
+        handle = self._handles.pop(key, None)
+        if handle is not None:
+            handle.remove()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        self._finalizer()
+
+
+def _remove_handles(handles: dict[int, Any]) -> None:
+    for handle in handles.values():
+        handle.remove()
+    handles.clear()
