@@ -9,23 +9,29 @@ that pushes each weight matrix toward low rank (singular value thresholding)::
 
 from . import functional
 from .backends import Backend, ExactBackend, SVDResult
+from .budget import Allocation, allocate_ranks
 from .optimizer import ProxRank
 from .prox import HardThreshold, ProxMap, SoftThreshold
+from .schedules import Ramp, Schedule
 from .selection import DEFAULT_MODULE_TYPES, Target, select_targets
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
+    "Allocation",
     "Backend",
     "ExactBackend",
     "HardThreshold",
     "ProxMap",
     "ProxRank",
+    "Ramp",
     "SVDResult",
+    "Schedule",
     "SoftThreshold",
     "Target",
     "__version__",
+    "allocate_ranks",
     "functional",
     "select_targets",
 ]

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from .backends import Backend, compute_dtype, get_backend
 from .functional import prox_step
 from .prox import ProxMap, get_prox
+from .schedules import Schedule, rank_prox_step
 from .selection import Selector, Target, select_targets
 
 __all__ = ["ProxRank"]
@@ -31,6 +32,8 @@ class _Job:
     state: dict[str, Any]
     tau: float
     prox: ProxMap
+    #: A rank target (set by a schedule): the threshold comes from the spectrum instead of tau.
+    rank: int | None = None
 
 
 def _check_lam(value: Any, where: str) -> float:
@@ -65,6 +68,7 @@ class ProxRank(Optimizer):
             ``(name, parameter)`` pairs such as ``model.named_parameters()``. Only parameters
             that ``optimizer`` trains get the prox.
         lam: regularisation strength ``lam >= 0``; a param group's ``"lam"`` key overrides it.
+            Optional (0) with a schedule that has a rank target.
         prox: ``"soft"`` (nuclear norm, default) or ``"hard"`` (rank penalty), or a
             :class:`proxrank.prox.ProxMap`; a param group's ``"prox"`` key overrides it.
         include: name patterns or module types that replace the default selection (weights of
@@ -73,6 +77,8 @@ class ProxRank(Optimizer):
         backend: how singular triplets are computed (``"exact"``: full ``torch.linalg.svd``).
         check_finite: raise before anything changes when a selected weight or its gradient is
             not finite (one device synchronisation per step).
+        schedule: a :class:`proxrank.Schedule` (warm-up, strength or rank ramps, a global
+            parameter budget, periodic prox, frozen ranks), read from the step count.
 
     Example::
 
@@ -85,12 +91,13 @@ class ProxRank(Optimizer):
         optimizer: Optimizer,
         model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
         *,
-        lam: float,
+        lam: float | None = None,
         prox: str | ProxMap = "soft",
         include: Selector | Sequence[Selector] | None = None,
         exclude: Selector | Sequence[Selector] | None = None,
         backend: str | Backend = "exact",
         check_finite: bool = True,
+        schedule: Schedule | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -100,6 +107,14 @@ class ProxRank(Optimizer):
             raise TypeError("optimizer is already a ProxRank; wrap the base optimizer once")
         torch._C._log_api_usage_once("python.optimizer.proxrank")
         self.optimizer = optimizer
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a proxrank.Schedule, got {type(schedule).__name__}")
+        if lam is None and not (schedule is not None and schedule.has_rank):
+            raise TypeError(
+                "lam= is required, unless schedule= has a rank target (target= or budget=)"
+            )
+        self.schedule = schedule
+        lam = 0.0 if lam is None else lam
         prox_map = get_prox(prox)
         self.defaults = {
             **optimizer.defaults,
@@ -228,16 +243,27 @@ class ProxRank(Optimizer):
             self._run_batch(batch)
 
     def _collect_jobs(self, groups: list[tuple[dict[str, Any], tuple]]) -> list[_Job]:
-        """One job per selected matrix whose group has ``lam > 0``: ``tau = lam * lr``."""
+        """One job per selected matrix whose group has ``lam > 0``: ``tau = lam * lr``; with a
+        schedule, the job (threshold or rank target, or none) the schedule plans."""
         jobs = []
+        n = self.step_count + 1
+        if self.schedule is not None:
+            self.schedule.prepare(n, self._targets, self._target_state)
         for group, (lam, prox) in groups:
-            if lam == 0:
+            if lam == 0 and not (self.schedule is not None and self.schedule.has_rank):
                 continue
             tau = lam * float(group["lr"])
             for p in group["params"]:
                 state = self._target_state.get(id(p))
-                if state is not None:
+                if state is None:
+                    continue
+                if self.schedule is None:
                     jobs.append(_Job(p, state, tau, prox))
+                    continue
+                m = p.shape[0]
+                planned = self.schedule.plan(n, state, (m, p.numel() // m), tau, prox)
+                if planned is not None:
+                    jobs.append(_Job(p, state, *planned))
         return jobs
 
     def _batches(self, jobs: list[_Job]) -> Iterable[list[_Job]]:
@@ -250,8 +276,13 @@ class ProxRank(Optimizer):
         for job in batch:
             p = job.param
             W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-            result = prox_step(W, job.tau, job.prox, self.backend, job.state)
+            if job.rank is None:
+                result = prox_step(W, job.tau, job.prox, self.backend, job.state)
+            else:
+                result = rank_prox_step(W, job.rank, job.prox, self.backend, job.state)
             p.copy_(result.X.reshape(p.shape))
+            if self.schedule is not None:  # the rank a schedule freezes at
+                job.state["rank"] = int((result.S_new > 0).sum())
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -263,6 +294,7 @@ class ProxRank(Optimizer):
         sd = self.optimizer.state_dict()
         sd["proxrank"] = {
             "step_count": self.step_count,
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "targets": {
                 self._position[id(t.param)]: {
                     "name": t.name,
@@ -287,9 +319,11 @@ class ProxRank(Optimizer):
         ours = state_dict.pop("proxrank", None)
         if ours is not None:
             loaded = self._check_loaded_targets(ours)
+            schedule = self._check_loaded_schedule(ours.get("schedule"))
         self.optimizer.load_state_dict(state_dict)
         if ours is not None:
             self.step_count = int(ours["step_count"])
+            self.schedule = schedule
             self._target_state = loaded
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -316,6 +350,18 @@ class ProxRank(Optimizer):
                 for k, v in entry["state"].items()
             }
         return loaded
+
+    def _check_loaded_schedule(self, saved: dict[str, Any] | None) -> Schedule | None:
+        """The saved schedule; a different one on this optimizer is an error."""
+        if saved is None or self.schedule is None:
+            return self.schedule if saved is None else Schedule.from_state_dict(saved)
+        if saved != self.schedule.state_dict():
+            raise ValueError(
+                f"state_dict was saved with {Schedule.from_state_dict(saved)!r}, but this "
+                f"optimizer has {self.schedule!r}; build the ProxRank with the same schedule "
+                "(or with schedule=None to take the saved one)"
+            )
+        return self.schedule
 
     def __repr__(self) -> str:
         return (
