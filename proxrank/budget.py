@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Allocation", "allocate_ranks", "layer_cost"]
+__all__ = ["Allocation", "allocate_ranks", "budget_size", "layer_cost"]
 
 #: ``method="auto"`` solves exactly while the product of per-layer option counts stays below this.
 EXACT_LIMIT = 10**7
@@ -54,7 +54,21 @@ def layer_cost(m: int, n: int, rank: int) -> int:
     return min(rank * (m + n), m * n)
 
 
-def _check_budget(budget: float | int, full_cost: float, min_cost: float) -> float:
+def budget_size(
+    budget: float | int,
+    shapes: Sequence[tuple[int, int]],
+    *,
+    cost_weights: Sequence[float] | None = None,
+    min_rank: int = 1,
+) -> float:
+    """The absolute size a ``budget`` stands for (a float in (0, 1] is a ratio of the full
+    size ``sum_l w_l m_l n_l``); raises when it is below the smallest possible size, every
+    layer at ``min_rank``."""
+    w = [1.0] * len(shapes) if cost_weights is None else cost_weights
+    full_cost = sum(wl * m * n for wl, (m, n) in zip(w, shapes, strict=True))
+    min_cost = sum(
+        wl * layer_cost(m, n, min(min_rank, m, n)) for wl, (m, n) in zip(w, shapes, strict=True)
+    )
     if isinstance(budget, bool) or not isinstance(budget, int | float):
         raise TypeError(f"budget must be a ratio in (0, 1] (float) or a size (int), got {budget!r}")
     if isinstance(budget, float):
@@ -197,7 +211,7 @@ def allocate_ranks(
     if mode == "budget":
         if tolerance is not None or budget is None:
             raise ValueError('mode="budget" takes budget= (and no tolerance=)')
-        budget = _check_budget(budget, full_cost, float(sum(c[0] for _, c, _ in options)))
+        budget = budget_size(budget, shapes, cost_weights=cost_weights, min_rank=min_rank)
     elif mode == "compact":
         if budget is not None or tolerance is None:
             raise ValueError('mode="compact" takes tolerance= (and no budget=)')

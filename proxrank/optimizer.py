@@ -135,6 +135,8 @@ class ProxRank(Optimizer):
         for i, group in enumerate(self.param_groups):
             self._init_group(group, where=f"param_groups[{i}]")
         self._refresh_targets()
+        if schedule is not None:
+            schedule.check(self._targets)
         #: Number of completed steps (base step + prox).
         self.step_count = 0
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend
-from .budget import allocate_ranks
+from .budget import allocate_ranks, budget_size
 from .functional import ProxResult
 from .prox import HardThreshold, ProxMap, SoftThreshold
 from .selection import Target
@@ -203,6 +203,10 @@ class Schedule:
             raise ValueError("give either target= (per matrix) or budget=/mode='compact'")
         if target is not None:
             self._check_target(target)
+        if (mode == "compact") != (tolerance is not None):
+            raise ValueError('tolerance= goes with mode="compact" (and only there)')
+        if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"tolerance must be finite and >= 0, got {tolerance!r}")
         if self.has_rank:
             if lam != 1.0:
                 raise ValueError(
@@ -251,6 +255,18 @@ class Schedule:
     def rank_at(self, n: int, full_rank: int, final_rank: int) -> int:
         """Target rank of a matrix at step ``n``: ``r_f + ceil((k - r_f) g(n))``."""
         return final_rank + math.ceil((full_rank - final_rank) * self.shape(n) - 1e-9)
+
+    def check(self, targets: list[Target]) -> None:
+        """Validate the settings that depend on the selected matrices (a budget below the
+        smallest possible size, missing per-layer weights) before training starts."""
+        weights = _per_layer(self.weights, targets, "weights")
+        cost_weights = _per_layer(self.cost_weights, targets, "cost_weights")
+        for name, values in (("weights", weights), ("cost_weights", cost_weights)):
+            if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"{name} must be finite and > 0 for every matrix, got {values}")
+        if self.budget is not None:
+            shapes = [t.shape2d for t in targets]
+            budget_size(self.budget, shapes, cost_weights=cost_weights, min_rank=self.min_rank)
 
     def prepare(self, n: int, targets: list[Target], states: dict[int, dict[str, Any]]) -> None:
         """At the first step past warm-up, fix each matrix's final rank (``state['final_rank']``,
