@@ -66,7 +66,7 @@ class Ramp:
     ``"cosine"`` ``start + (end - start) (1 - cos(pi x)) / 2``; ``"cubic"``
     ``end + (start - end) (1 - x)^3``; ``"exponential"`` ``start (end / start)^x`` (geometric,
     both > 0); ``"constant"`` is ``end`` at every step. Every shape is monotone and equals
-    ``start`` at ``n0`` and ``end`` at ``n1`` exactly.
+    ``start`` at ``n0`` and ``end`` at ``n1`` exactly (with ``n1 == n0``: a jump to ``end``).
     """
 
     start: float
@@ -215,12 +215,12 @@ class Schedule:
                 )
             if ramp_end is None:
                 raise ValueError("a rank target needs ramp_end= (the step it is reached at)")
-            self.shape = Ramp(1.0, 0.0, self.warmup, _check_step(ramp_end, "ramp_end"), ramp)
-            if ramp_end < self.warmup:
+            if _check_step(ramp_end, "ramp_end") < self.warmup:
                 raise ValueError(
                     f"ramp_end={ramp_end} is before the end of warmup={warmup}; use "
                     "ramp_end >= warmup"
                 )
+            self.shape = Ramp(1.0, 0.0, self.warmup, ramp_end, ramp)
             freeze_at = ramp_end if freeze_at is None else freeze_at
         elif ramp_end is not None:
             raise ValueError("ramp_end= is for rank targets; pass target= or budget=")
