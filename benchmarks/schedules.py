@@ -15,7 +15,7 @@ one parameter budget (a ratio of the dense weight count), allocated across layer
 Prints one table (test accuracy: median and range over seeds; factorized parameter counts)
 and writes JSON to ``bench-results/schedules.json``.
 
-    python benchmarks/schedules.py [--budget 0.05] [--seeds 3] [--epochs 30]
+    python benchmarks/schedules.py [--budget 0.2] [--seeds 3] [--epochs 30]
 """
 
 from __future__ import annotations
@@ -81,12 +81,20 @@ def accuracy(model, X, y) -> float:
     return float((model(X).argmax(1) == y).float().mean())
 
 
+def adam_fisher(adam: torch.optim.Adam, weight: torch.Tensor) -> float:
+    """Per-layer curvature weight for the allocation: the mean of Adam's second moment (a
+    diagonal empirical-Fisher estimate) over the weight's entries."""
+    return float(adam.state[weight]["exp_avg_sq"].mean())
+
+
 @torch.no_grad()
-def truncate(model, budget: float) -> list[int]:
+def truncate(model, adam, budget: float, fisher: bool) -> list[int]:
     """Project every weight onto the ranks ``allocate_ranks`` gives at ``budget``."""
     layers = linears(model)
     spectra = [torch.linalg.svdvals(m.weight.double()) for m in layers]
-    alloc = proxrank.allocate_ranks(spectra, [tuple(m.weight.shape) for m in layers], budget=budget)
+    weights = [adam_fisher(adam, m.weight) for m in layers] if fisher else None
+    shapes = [tuple(m.weight.shape) for m in layers]
+    alloc = proxrank.allocate_ranks(spectra, shapes, budget=budget, weights=weights)
     freeze(model, alloc.ranks)
     return list(alloc.ranks)
 
@@ -110,14 +118,14 @@ def run(method: str, seed: int, args, Xtr, ytr) -> nn.Module:
     first, rest = args.epochs - args.finetune, args.finetune
     if method in ("one-shot", "one-shot + fine-tune"):
         train(model, adam, Xtr, ytr, first if method != "one-shot" else args.epochs, seed)
-        ranks = truncate(model, args.budget)
+        ranks = truncate(model, adam, args.budget, args.fisher)
         if method == "one-shot + fine-tune":
             train(model, adam, Xtr, ytr, rest, seed + 1, lambda: freeze(model, ranks))
     elif method.startswith("ISVT"):
         lam = float(method.split("=")[1])
         opt = proxrank.ProxRank(adam, model, lam=lam)
         train(model, opt, Xtr, ytr, first, seed)
-        ranks = truncate(model, args.budget)
+        ranks = truncate(model, adam, args.budget, args.fisher)
         train(model, adam, Xtr, ytr, rest, seed + 1, lambda: freeze(model, ranks))
     else:
         steps = -(-len(Xtr) // BATCH)
@@ -126,6 +134,7 @@ def run(method: str, seed: int, args, Xtr, ytr) -> nn.Module:
             warmup=args.warmup * steps,
             ramp_end=first * steps,
             threshold="hard" if "hard" in method else "soft",
+            weights=(lambda t: adam_fisher(adam, t.param)) if args.fisher else None,
         )
         opt = proxrank.ProxRank(adam, model, schedule=sch)
         train(model, opt, Xtr, ytr, args.epochs, seed)
@@ -134,14 +143,24 @@ def run(method: str, seed: int, args, Xtr, ytr) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=0.05, help="ratio of the dense weights")
+    parser.add_argument("--budget", type=float, default=0.2, help="ratio of the dense weights")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30, help="total epochs for every method")
     parser.add_argument("--finetune", type=int, default=10, help="epochs after truncation")
     parser.add_argument("--warmup", type=int, default=5, help="schedule: epochs without prox")
     parser.add_argument("--lams", type=float, nargs="+", default=[0.3, 1.0, 3.0])
+    parser.add_argument(
+        "--fisher",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="weight each layer's predicted loss by Adam's mean second moment (all methods)",
+    )
     parser.add_argument("--out", default="bench-results/schedules.json")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (small matrices: 1 is fastest)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     machine = {
         "platform": platform.platform(),
@@ -157,7 +176,7 @@ def main() -> None:
         f"MLP 64-{HIDDEN}-{HIDDEN}-10 on digits ({len(Xtr)} train / {len(Xte)} test), "
         f"{dense} weights + {biases} biases; budget {args.budget} = {int(args.budget * dense)} "
         f"weights; {args.epochs} epochs each, {args.finetune} after truncation; "
-        f"{args.seeds} seeds"
+        f"{args.seeds} seeds; allocation weights: {'Adam Fisher' if args.fisher else 'none'}"
     )
     methods = [
         "dense (no compression)",

@@ -149,7 +149,8 @@ class Schedule:
             model whose predicted loss increase stays <= ``tolerance``; no ``budget``).
         tolerance: ``mode="compact"`` only.
         weights: per-layer curvature weights for the allocation (Fisher estimates), a mapping
-            from the target's name to a number or a callable ``Target -> float``; default 1.
+            from the target's name to a number or a callable ``Target -> float`` (called at
+            the allocation, so it may read optimizer statistics); default 1.
         cost_weights: per-layer cost per parameter (FLOPs per parameter), same forms.
         min_rank: lowest rank the allocation may give a layer.
         ramp: shape of the rank ramp (:data:`RAMP_KINDS`, default ``"cubic"``).
@@ -259,7 +260,8 @@ class Schedule:
     def check(self, targets: list[Target]) -> None:
         """Validate the settings that depend on the selected matrices (a budget below the
         smallest possible size, missing per-layer weights) before training starts."""
-        weights = _per_layer(self.weights, targets, "weights")
+        # a callable curvature weight reads training statistics: it is called at the allocation
+        weights = None if callable(self.weights) else _per_layer(self.weights, targets, "weights")
         cost_weights = _per_layer(self.cost_weights, targets, "cost_weights")
         for name, values in (("weights", weights), ("cost_weights", cost_weights)):
             if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
