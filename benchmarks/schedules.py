@@ -133,6 +133,7 @@ def run(method: str, seed: int, args, Xtr, ytr) -> nn.Module:
             budget=args.budget,
             warmup=args.warmup * steps,
             ramp_end=first * steps,
+            ramp=args.ramp,
             threshold="hard" if "hard" in method else "soft",
             weights=(lambda t: adam_fisher(adam, t.param)) if args.fisher else None,
         )
@@ -147,7 +148,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30, help="total epochs for every method")
     parser.add_argument("--finetune", type=int, default=10, help="epochs after truncation")
-    parser.add_argument("--warmup", type=int, default=5, help="schedule: epochs without prox")
+    parser.add_argument("--warmup", type=int, default=10, help="schedule: epochs without prox")
+    parser.add_argument("--ramp", default="cubic", help="schedule: rank ramp shape")
+    parser.add_argument("--only", default="", help="run only the methods whose name has this")
     parser.add_argument("--lams", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     parser.add_argument(
         "--fisher",
@@ -187,7 +190,7 @@ def main() -> None:
         "schedule (hard)",
     ]
     rows = []
-    for method in methods:
+    for method in (m for m in methods if args.only in m):
         accs, sizes, times, ranks = [], [], [], None
         for seed in range(args.seeds):
             t0 = time.perf_counter()
