@@ -35,7 +35,7 @@ from torch import Tensor
 __all__ = ["Allocation", "allocate_ranks", "budget_size", "layer_cost"]
 
 #: ``method="auto"`` solves exactly while the product of per-layer option counts stays below this.
-EXACT_LIMIT = 10**7
+EXACT_LIMIT = 2 * 10**6
 
 
 @dataclass(frozen=True)
