@@ -187,7 +187,12 @@ class Schedule:
         every: int = 1,
         threshold: str = "soft",
     ) -> None:
+        if not isinstance(lam, Ramp | int | float) or isinstance(lam, bool):
+            raise TypeError(f"lam must be a number or a proxrank.Ramp, got {lam!r}")
         self.lam = lam if isinstance(lam, Ramp) else Ramp(lam, lam, kind="constant")
+        if min(self.lam.start, self.lam.end) < 0:
+            raise ValueError(f"lam is a factor on each group's lam and must be >= 0, got {lam!r}")
+        _check_step(min_rank, "min_rank")
         self.warmup = _check_step(warmup, "warmup")
         self.every = _check_step(every, "every")
         if every < 1:

@@ -289,6 +289,8 @@ def test_compact_mode_and_fisher_weights_through_the_schedule():
         ({"mode": "compact"}, "tolerance"),
         ({"mode": "tiny"}, "mode="),
         ({"lam": 1.0, "warmup": 5, "freeze_at": 2}, "freeze_at=2 is before the end of warmup"),
+        ({"lam": Ramp(1.0, -1.0, 0, 5)}, "must be >= 0"),
+        ({"budget": 0.5, "ramp_end": 5, "min_rank": -1}, "min_rank"),
     ],
 )
 def test_schedule_errors(kwargs, match):
@@ -322,6 +324,8 @@ def test_lam_is_required_without_a_rank_target():
         proxrank.ProxRank(torch.optim.SGD(lin.parameters(), lr=0.1), lin)
     with pytest.raises(TypeError, match="lam= is required"):
         proxrank.ProxRank(torch.optim.SGD(lin.parameters(), lr=0.1), lin, schedule=Schedule())
+    with pytest.raises(TypeError, match="lam must be a number or a"):
+        Schedule(lam="warm")
     with pytest.raises(TypeError, match="schedule must be"):
         proxrank.ProxRank(torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=1.0, schedule=3)
 
