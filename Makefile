@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.proxrank-installed
 
-.PHONY: test demo bench bench-zero-shot lint clean
+.PHONY: test demo bench bench-zero-shot bench-schedules lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ bench: $(STAMP)
 # one-shot compression accuracy (no fine-tuning) per metric on sklearn digits
 bench-zero-shot: $(STAMP)
 	$(PY) benchmarks/zero_shot.py
+
+# accuracy at equal compression: one-shot truncation vs ISVT vs scheduled rank reduction
+bench-schedules: $(STAMP)
+	$(PY) benchmarks/schedules.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -9,6 +9,7 @@ that pushes each weight matrix toward low rank (singular value thresholding)::
 
 from . import functional
 from .backends import Backend, ExactBackend, SVDResult
+from .budget import Allocation, allocate_ranks
 from .compress import LayerCompression, compress
 from .metrics import (
     ActivationMetric,
@@ -23,6 +24,7 @@ from .metrics import (
 )
 from .optimizer import ProxRank
 from .prox import HardThreshold, ProxMap, SoftThreshold
+from .schedules import Ramp, Schedule
 from .selection import DEFAULT_MODULE_TYPES, Target, select_targets
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "DEFAULT_MODULE_TYPES",
     "ActivationMetric",
     "AdamMetric",
+    "Allocation",
     "Backend",
     "EuclideanMetric",
     "ExactBackend",
@@ -40,12 +43,15 @@ __all__ = [
     "Metric",
     "ProxMap",
     "ProxRank",
+    "Ramp",
     "SVDResult",
+    "Schedule",
     "SoftThreshold",
     "Target",
     "TwoSidedMetric",
     "Weighting",
     "__version__",
+    "allocate_ranks",
     "compress",
     "functional",
     "select_targets",

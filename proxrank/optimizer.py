@@ -13,8 +13,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import Backend, compute_dtype, get_backend
-from .metrics import InputHooks, Metric, Weighting, get_metric, weighted_prox_step
+from .functional import ProxResult, prox_step
+from .metrics import InputHooks, Metric, Weighting, get_metric
 from .prox import ProxMap, get_prox
+from .schedules import Schedule, rank_prox_step
 from .selection import Selector, Target, select_targets
 
 __all__ = ["ProxRank"]
@@ -31,6 +33,9 @@ class _Job:
     state: dict[str, Any]
     tau: float
     prox: ProxMap
+    #: A rank target (set by a schedule): the threshold comes from the spectrum instead of tau.
+    rank: int | None = None
+    #: The metric's weights: the prox acts on ``A^{1/2} W B^{1/2}`` (``None``: Euclidean).
     weighting: Weighting | None = None
 
 
@@ -66,6 +71,7 @@ class ProxRank(Optimizer):
             ``(name, parameter)`` pairs such as ``model.named_parameters()``. Only parameters
             that ``optimizer`` trains get the prox.
         lam: regularisation strength ``lam >= 0``; a param group's ``"lam"`` key overrides it.
+            Optional (0) with a schedule that has a rank target.
         prox: ``"soft"`` (nuclear norm, default) or ``"hard"`` (rank penalty), or a
             :class:`proxrank.prox.ProxMap`; a param group's ``"prox"`` key overrides it.
         include: name patterns or module types that replace the default selection (weights of
@@ -84,6 +90,8 @@ class ProxRank(Optimizer):
             of the closure's last evaluation). Input statistics come from forward pre-hooks on
             the layers (training mode only), registered only while a group uses such a metric
             and removed by :meth:`close` or when the optimizer is garbage-collected.
+        schedule: a :class:`proxrank.Schedule` (warm-up, strength or rank ramps, a global
+            parameter budget, periodic prox, frozen ranks), read from the step count.
 
     Example::
 
@@ -96,13 +104,14 @@ class ProxRank(Optimizer):
         optimizer: Optimizer,
         model_or_named_params: nn.Module | Iterable[tuple[str, nn.Parameter]],
         *,
-        lam: float,
+        lam: float | None = None,
         prox: str | ProxMap = "soft",
         include: Selector | Sequence[Selector] | None = None,
         exclude: Selector | Sequence[Selector] | None = None,
         backend: str | Backend = "exact",
         check_finite: bool = True,
         metric: str | Metric = "euclidean",
+        schedule: Schedule | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -112,6 +121,14 @@ class ProxRank(Optimizer):
             raise TypeError("optimizer is already a ProxRank; wrap the base optimizer once")
         torch._C._log_api_usage_once("python.optimizer.proxrank")
         self.optimizer = optimizer
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a proxrank.Schedule, got {type(schedule).__name__}")
+        if lam is None and not (schedule is not None and schedule.has_rank):
+            raise TypeError(
+                "lam= is required, unless schedule= has a rank target (target= or budget=)"
+            )
+        self.schedule = schedule
+        lam = 0.0 if lam is None else lam
         prox_map = get_prox(prox)
         self.defaults = {
             **optimizer.defaults,
@@ -142,6 +159,8 @@ class ProxRank(Optimizer):
             self._init_group(group, where=f"param_groups[{i}]")
         self._refresh_targets()
         self._sync_input_hooks(self._resolved_groups())
+        if schedule is not None:
+            schedule.check(self._targets)
         #: Number of completed steps (base step + prox).
         self.step_count = 0
 
@@ -309,26 +328,49 @@ class ProxRank(Optimizer):
             self._run_batch(batch)
 
     def _collect_jobs(self, groups: list[tuple[dict[str, Any], tuple]]) -> list[_Job]:
-        """One job per selected matrix whose group has ``lam > 0``: ``tau = lam * lr``, and its
-        group metric's weighting (all computed before any weight is written)."""
+        """One job per selected matrix whose group has ``lam > 0``: ``tau = lam * lr`` and its
+        group metric's weighting (all computed before any weight is written); with a schedule,
+        the job (threshold or rank target, or none) the schedule plans."""
         jobs = []
+        n = self.step_count + 1
+        if self.schedule is not None:
+            self.schedule.prepare(n, self._targets, self._target_state)
         for group, (lam, prox, metric) in groups:
-            if lam == 0:
+            if lam == 0 and not (self.schedule is not None and self.schedule.has_rank):
                 continue
             tau = lam * float(group["lr"])
             for p in group["params"]:
                 state = self._target_state.get(id(p))
-                if state is not None:
-                    shape = (p.shape[0], p.numel() // p.shape[0])
-                    weighting = metric.weighting(state, self.optimizer.state.get(p, {}), shape)
-                    if weighting is not None:
-                        weighting = weighting.to(compute_dtype(p.dtype))
-                    jobs.append(_Job(p, state, tau, prox, weighting))
+                if state is None:
+                    continue
+                shape = (p.shape[0], p.numel() // p.shape[0])
+                planned = (tau, prox, None)
+                if self.schedule is not None:
+                    planned = self.schedule.plan(n, state, shape, tau, prox)
+                    if planned is None:
+                        continue
+                weighting = metric.weighting(state, self.optimizer.state.get(p, {}), shape)
+                if weighting is not None:
+                    weighting = weighting.to(compute_dtype(p.dtype))
+                jobs.append(_Job(p, state, *planned, weighting=weighting))
         return jobs
 
     def _batches(self, jobs: list[_Job]) -> Iterable[list[_Job]]:
         """Jobs computed together in one backend call (one matrix per call for now)."""
         return ([job] for job in jobs)
+
+    def _prox(self, W: Tensor, job: _Job) -> ProxResult:
+        """``W``'s prox in the job's metric: threshold ``tau``, or the spectrum's own threshold
+        for a rank target. ``X`` is in ``W``'s coordinates; the triplets are those of the
+        weighted matrix ``A^{1/2} W B^{1/2}``."""
+        Y = W if job.weighting is None else job.weighting.to_metric(W)
+        if job.rank is None:
+            result = prox_step(Y, job.tau, job.prox, self.backend, job.state)
+        else:
+            result = rank_prox_step(Y, job.rank, job.prox, self.backend, job.state)
+        if job.weighting is None:
+            return result
+        return result._replace(X=job.weighting.from_metric(result.X))
 
     def _run_batch(self, batch: list[_Job]) -> None:
         """Prox every matrix of ``batch`` (in float32 for half-precision weights) and write it
@@ -336,10 +378,10 @@ class ProxRank(Optimizer):
         for job in batch:
             p = job.param
             W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-            result = weighted_prox_step(
-                W, job.tau, job.prox, self.backend, job.state, job.weighting
-            )
+            result = self._prox(W, job)
             p.copy_(result.X.reshape(p.shape))
+            if self.schedule is not None:  # the rank a schedule freezes at
+                job.state["rank"] = int((result.S_new > 0).sum())
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -351,6 +393,7 @@ class ProxRank(Optimizer):
         sd = self.optimizer.state_dict()
         sd["proxrank"] = {
             "step_count": self.step_count,
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "targets": {
                 self._position[id(t.param)]: {
                     "name": t.name,
@@ -375,9 +418,11 @@ class ProxRank(Optimizer):
         ours = state_dict.pop("proxrank", None)
         if ours is not None:
             loaded = self._check_loaded_targets(ours)
+            schedule = self._check_loaded_schedule(ours.get("schedule"))
         self.optimizer.load_state_dict(state_dict)
         if ours is not None:
             self.step_count = int(ours["step_count"])
+            self.schedule = schedule
             self._target_state = loaded
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -404,6 +449,18 @@ class ProxRank(Optimizer):
                 for k, v in entry["state"].items()
             }
         return loaded
+
+    def _check_loaded_schedule(self, saved: dict[str, Any] | None) -> Schedule | None:
+        """The saved schedule; a different one on this optimizer is an error."""
+        if saved is None or self.schedule is None:
+            return self.schedule if saved is None else Schedule.from_state_dict(saved)
+        if saved != self.schedule.state_dict():
+            raise ValueError(
+                f"state_dict was saved with {Schedule.from_state_dict(saved)!r}, but this "
+                f"optimizer has {self.schedule!r}; build the ProxRank with the same schedule "
+                "(or with schedule=None to take the saved one)"
+            )
+        return self.schedule
 
     def __repr__(self) -> str:
         return (
