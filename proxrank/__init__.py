@@ -9,6 +9,15 @@ that pushes each weight matrix toward low rank (singular value thresholding)::
 
 from . import functional
 from .backends import Backend, ExactBackend, SVDResult
+from .diagnostics import (
+    ConvergenceRule,
+    CSVLogger,
+    Diagnostics,
+    JSONLinesLogger,
+    LayerDiagnostics,
+    ModelDiagnostics,
+    TensorBoardLogger,
+)
 from .optimizer import ProxRank
 from .prox import HardThreshold, ProxMap, SoftThreshold
 from .selection import DEFAULT_MODULE_TYPES, Target, select_targets
@@ -18,13 +27,20 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODULE_TYPES",
     "Backend",
+    "CSVLogger",
+    "ConvergenceRule",
+    "Diagnostics",
     "ExactBackend",
     "HardThreshold",
+    "JSONLinesLogger",
+    "LayerDiagnostics",
+    "ModelDiagnostics",
     "ProxMap",
     "ProxRank",
     "SVDResult",
     "SoftThreshold",
     "Target",
+    "TensorBoardLogger",
     "__version__",
     "functional",
     "select_targets",

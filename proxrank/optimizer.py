@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import Backend, compute_dtype, get_backend
+from .diagnostics import Diagnostics, ModelDiagnostics
 from .functional import prox_step
 from .prox import ProxMap, get_prox
 from .selection import Selector, Target, select_targets
@@ -31,6 +32,7 @@ class _Job:
     state: dict[str, Any]
     tau: float
     prox: ProxMap
+    lr: float = math.nan
 
 
 def _check_lam(value: Any, where: str) -> float:
@@ -73,6 +75,9 @@ class ProxRank(Optimizer):
         backend: how singular triplets are computed (``"exact"``: full ``torch.linalg.svd``).
         check_finite: raise before anything changes when a selected weight or its gradient is
             not finite (one device synchronisation per step).
+        diagnostics: ``True`` or a :class:`proxrank.Diagnostics` to track convergence
+            diagnostics (:meth:`diagnostics`, :meth:`report`); off by default, as tracking the
+            realised step keeps one copy of every selected weight.
 
     Example::
 
@@ -91,6 +96,7 @@ class ProxRank(Optimizer):
         exclude: Selector | Sequence[Selector] | None = None,
         backend: str | Backend = "exact",
         check_finite: bool = True,
+        diagnostics: bool | Diagnostics = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -122,6 +128,13 @@ class ProxRank(Optimizer):
         self._refresh_targets()
         #: Number of completed steps (base step + prox).
         self.step_count = 0
+        if not isinstance(diagnostics, bool | Diagnostics):
+            raise TypeError(
+                f"diagnostics must be True, False or a proxrank.Diagnostics, got {diagnostics!r}"
+            )
+        self.tracker = Diagnostics() if diagnostics is True else diagnostics or None
+        if self.tracker is not None:
+            self.tracker.bind(self)
 
     # -- shared state: always the base optimizer's own objects (load_state_dict rebinds them) --
     @property
@@ -220,6 +233,8 @@ class ProxRank(Optimizer):
             self._raise_if_nonfinite("after the base optimizer's step", grads=False)
         self._apply_prox(groups)
         self.step_count += 1
+        if self.tracker is not None:
+            self.tracker.end_step(loss)
         return loss
 
     @torch.no_grad()
@@ -237,7 +252,7 @@ class ProxRank(Optimizer):
             for p in group["params"]:
                 state = self._target_state.get(id(p))
                 if state is not None:
-                    jobs.append(_Job(p, state, tau, prox))
+                    jobs.append(_Job(p, state, tau, prox, float(group["lr"])))
         return jobs
 
     def _batches(self, jobs: list[_Job]) -> Iterable[list[_Job]]:
@@ -251,7 +266,26 @@ class ProxRank(Optimizer):
             p = job.param
             W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
             result = prox_step(W, job.tau, job.prox, self.backend, job.state)
+            if self.tracker is not None:  # before the write-back: W may share p's storage
+                self.tracker.record(job, W, result)
             p.copy_(result.X.reshape(p.shape))
+
+    # -- diagnostics ---------------------------------------------------------------------
+    def _require_tracker(self) -> Diagnostics:
+        if self.tracker is None:
+            raise ValueError(
+                "diagnostics are off; build the optimizer with ProxRank(..., diagnostics=True)"
+            )
+        return self.tracker
+
+    def diagnostics(self) -> ModelDiagnostics:
+        """Convergence diagnostics after the last step, as plain data (see
+        :mod:`proxrank.diagnostics`); the history, loggers and plot are on :attr:`tracker`."""
+        return self._require_tracker().snapshot()
+
+    def report(self) -> str:
+        """A readable per-matrix table of :meth:`diagnostics`."""
+        return self._require_tracker().report()
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -272,6 +306,8 @@ class ProxRank(Optimizer):
                 for t in self._targets
             },
         }
+        if self.tracker is not None:
+            sd["proxrank"]["diagnostics"] = self.tracker.state_dict()
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             sd = sd if out is None else out
@@ -291,6 +327,8 @@ class ProxRank(Optimizer):
         if ours is not None:
             self.step_count = int(ours["step_count"])
             self._target_state = loaded
+            if self.tracker is not None and "diagnostics" in ours:
+                self.tracker.load_state_dict(ours["diagnostics"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
