@@ -394,7 +394,10 @@ class Diagnostics:
         layer.tau = float(job.tau)
         layer.backend = str(state.get("backend", self.optimizer.backend.name))
         layer.step = self._step
-        layer.prev = written.detach() if self.track_step else None
+        layer.prev = None
+        if self.track_step:  # keep the output (fresh from the prox); never a view of the weight
+            aliased = written.untyped_storage().data_ptr() == job.param.untyped_storage().data_ptr()
+            layer.prev = written.detach().clone() if aliased else written.detach()
         before = S.detach()
         m, n = layer.shape
         if (

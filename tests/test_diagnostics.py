@@ -392,6 +392,25 @@ def test_half_precision_weights(tmp_path):
     assert lay.grad_mapping_norm == pytest.approx(step / 0.1, rel=1e-5, abs=1e-6)
 
 
+def test_realised_step_when_the_prox_returns_its_input(monkeypatch):
+    """A prox whose output aliases the weight (here: the identity) must not make the kept
+    previous weight follow the parameter."""
+    import proxrank.optimizer as optimizer_module
+    from proxrank.functional import ProxResult
+
+    def identity_prox(Y, tau, prox=None, backend=None, state=None):
+        S = torch.linalg.svdvals(Y)
+        return ProxResult(Y, SVDResult(None, S, None, torch.zeros(())), S)
+
+    monkeypatch.setattr(optimizer_module, "prox_step", identity_prox)
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    opt = proxrank.ProxRank(torch.optim.SGD([w], lr=0.5), [("w", w)], lam=1.0, diagnostics=True)
+    for _ in range(2):
+        w.grad = torch.ones(3, 2)
+        opt.step()
+    assert opt.diagnostics().layers[0].grad_mapping_norm == pytest.approx(math.sqrt(6))
+
+
 # -- errors ----------------------------------------------------------------------------------------
 def test_errors():
     lin = torch.nn.Linear(3, 3)
