@@ -334,80 +334,79 @@ class Diagnostics:
         :func:`proxrank.functional.prox_step` output. Call it before ``X`` is written into the
         parameter (``W`` may share its storage)."""
         layer = self._layer(job.param)
-        S, S_new, X = result.svd.S, result.S_new, result.X
+        S_new, X = result.S_new, result.X
         rank = torch.count_nonzero(S_new)
         nuclear = S_new.sum()
-        out_sq = S_new.square().sum()
+        out_norm = torch.linalg.vector_norm(S_new)
         in_sq = torch.linalg.vector_norm(W).square()
         p = S_new / torch.where(nuclear > 0, nuclear, 1)
         effective_rank = torch.where(nuclear > 0, torch.exp(-torch.xlogy(p, p).sum()), 0)
-        energy_removed = torch.where(in_sq > 0, (in_sq - out_sq) / in_sq, 0).clamp(0, 1)
-        prox_residual = torch.dist(X, W)
-        out_norm = out_sq.sqrt()
-
-        written = X.to(job.param.dtype)
+        energy_removed = torch.where(in_sq > 0, 1 - out_norm.square() / in_sq, 0).clamp(0, 1)
+        step_norm, relative_step = self._realised_step(layer, job, X, out_norm)
         nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
-        step_norm = nan
-        if layer.prev is not None and layer.prev.shape == written.shape:
-            step_norm = torch.dist(written.to(X.dtype), layer.prev.to(X.dtype))
-        lr = job.lr
-        grad_mapping = step_norm / lr if lr > 0 else nan
-        scale = out_norm if layer.norm is None else torch.maximum(out_norm, layer.norm.to(X))
-        relative_step = torch.where(scale > 0, step_norm / torch.where(scale > 0, scale, 1), 0)
-        relative_step = torch.where(step_norm.isnan(), nan, relative_step)
 
         zero = torch.zeros((), dtype=torch.int64, device=X.device)
         if layer.rank is None:
-            layer.since_rank, layer.below_tol = zero, zero
-        else:
-            same = rank == layer.rank.to(rank.device)
-            layer.since_rank = torch.where(same, layer.since_rank + 1, zero)
-        ok = relative_step <= self.rule.tol
-        layer.below_tol = torch.where(ok, layer.below_tol + 1, zero)
+            layer.since_rank = layer.below_tol = zero - 1  # both become 0 below
+            layer.rank = rank
+        layer.since_rank = torch.where(rank == layer.rank, layer.since_rank + 1, zero)
+        small_step = relative_step <= self.rule.tol  # False while NaN
+        layer.below_tol = torch.where(small_step, layer.below_tol + 1, zero)
 
-        state = job.state
-        error_bound = torch.as_tensor(
-            state.get("error_bound", result.svd.error_bound), dtype=X.dtype, device=X.device
-        ).reshape(())
-        lam = job.tau / lr if lr > 0 else math.nan
+        lam = job.tau / job.lr if job.lr > 0 else math.nan
+        reg = nan
         if isinstance(job.prox, SoftThreshold):
             reg = lam * nuclear
         elif isinstance(job.prox, HardThreshold):
             reg = lam * rank.to(X.dtype)
-        else:
-            reg = nan
-        layer.reg_in = nan if layer.reg is None else layer.reg
-        layer.reg = reg
+        layer.reg_in, layer.reg = (nan if layer.reg is None else layer.reg), reg
         layer.rank, layer.norm = rank, out_norm
+        error_bound = job.state.get("error_bound", result.svd.error_bound)
         layer.stats = torch.stack(
             [
                 rank.to(X.dtype),
                 effective_rank.to(X.dtype),
                 nuclear,
                 energy_removed,
-                prox_residual,
-                grad_mapping,
+                torch.dist(X, W),  # prox residual
+                step_norm / job.lr if job.lr > 0 else nan,  # gradient mapping
                 relative_step,
-                error_bound,
+                torch.as_tensor(error_bound, dtype=X.dtype, device=X.device).reshape(()),
             ]
         )
         layer.tau = float(job.tau)
-        layer.backend = str(state.get("backend", self.optimizer.backend.name))
+        layer.backend = str(job.state.get("backend", self.optimizer.backend.name))
         layer.step = self._step
-        layer.prev = None
-        if self.track_step:  # keep the output (fresh from the prox); never a view of the weight
+        layer.spectra = (self._spectrum_before(layer, W, result.svd.S), S_new.detach())
+        self._recorded.append(layer)
+
+    def _realised_step(
+        self, layer: _Layer, job: _Job, X: Tensor, out_norm: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``||X - X_prev||_F`` and its relative size (NaN without ``X_prev``); keeps ``X`` as the
+        next ``X_prev`` when ``track_step`` (the prox's fresh output, never a view of the
+        weight, cast to the weight's dtype: what is written back)."""
+        written = X.to(job.param.dtype)
+        nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
+        step_norm, relative = nan, nan
+        prev, layer.prev = layer.prev, None
+        if prev is not None and prev.shape == written.shape:
+            step_norm = torch.dist(written.to(X.dtype), prev.to(X.dtype))
+            scale = torch.maximum(out_norm, layer.norm.to(X))
+            relative = torch.where(scale > 0, step_norm / torch.where(scale > 0, scale, 1), 0)
+        if self.track_step:
             aliased = written.untyped_storage().data_ptr() == job.param.untyped_storage().data_ptr()
             layer.prev = written.detach().clone() if aliased else written.detach()
-        before = S.detach()
+        return step_norm, relative
+
+    def _spectrum_before(self, layer: _Layer, W: Tensor, S: Tensor) -> Tensor:
+        """The input's singular values as the backend returned them; all of them every
+        ``full_spectrum_every`` steps when the backend returned only the largest."""
         m, n = layer.shape
-        if (
-            self.full_spectrum_every
-            and self._step % self.full_spectrum_every == 0
-            and S.shape[-1] < min(m, n)
-        ):
-            before = torch.linalg.svdvals(W)
-        layer.spectra = (before, S_new.detach())
-        self._recorded.append(layer)
+        every = self.full_spectrum_every
+        if every and self._step % every == 0 and S.shape[-1] < min(m, n):
+            return torch.linalg.svdvals(W)
+        return S.detach()
 
     def end_step(self, loss: Any = None) -> None:
         """Close the step: objective, history, loggers. ``loss`` is what the closure returned."""

@@ -1,0 +1,98 @@
+"""Cost of convergence diagnostics: ProxRank step time with diagnostics off and on, side by side.
+
+An MLP with square and rectangular Linear layers, AdamW base, exact backend. Each repeat times
+``steps`` optimizer steps (forward + backward + step) for each configuration in turn; the
+figures are medians over repeats. Also prints the memory diagnostics keep (one copy of each
+selected weight for the realised step) and the time of ``diagnostics()`` / ``report()``.
+
+    python benchmarks/diagnostics_overhead.py [--width 256] [--steps 20] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import proxrank
+
+
+def build(width: int, diagnostics: bool | proxrank.Diagnostics, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(width, 2 * width),
+        torch.nn.GELU(),
+        torch.nn.Linear(2 * width, width),
+        torch.nn.GELU(),
+        torch.nn.Linear(width, width),
+        torch.nn.GELU(),
+        torch.nn.Linear(width, 10),
+    )
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = proxrank.ProxRank(base, model, lam=1e-2, diagnostics=diagnostics)
+    return model, opt
+
+
+def run(model, opt, x, y, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"cpu_count={torch.multiprocessing.cpu_count()}, torch threads={torch.get_num_threads()}, "
+        f"torch {torch.__version__}"
+    )
+    x = torch.randn(args.batch, args.width)
+    y = torch.randint(0, 10, (args.batch,))
+    configs = {
+        "off": False,
+        "on": True,
+        "on, track_step=False": proxrank.Diagnostics(track_step=False),
+    }
+    built = {name: build(args.width, diag) for name, diag in configs.items()}
+    for model, opt in built.values():
+        run(model, opt, x, y, 2)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.repeats):
+        for name, (model, opt) in built.items():
+            times[name].append(run(model, opt, x, y, args.steps))
+    base = statistics.median(times["off"])
+    print(f"width {args.width}, batch {args.batch}, {args.steps} steps x {args.repeats} repeats")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"  diagnostics {name:22s} {1e3 * med:8.2f} ms/step  ({med / base:.3f}x off)")
+    _, opt = built["on"]
+    kept = sum(t.param.numel() * t.param.element_size() for t in opt.targets)
+    print(f"  kept for the realised step: {kept / 2**20:.2f} MiB (= the selected weights)")
+    for what, fn in (("diagnostics()", opt.diagnostics), ("report()", opt.report)):
+        reps = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            reps.append(time.perf_counter() - start)
+        print(f"  {what:14s} {1e3 * statistics.median(reps):.3f} ms")
+    print(opt.report())
+
+
+if __name__ == "__main__":
+    main()
