@@ -1,6 +1,9 @@
-"""Cost of convergence diagnostics: ProxRank step time with diagnostics off and on, side by side.
+"""Cost of convergence diagnostics, measured side by side in one run.
 
-An MLP with square and rectangular Linear layers, AdamW base, exact backend. Each repeat times
+1. Per matrix: ``prox_step`` against ``Diagnostics.record`` on its result (the only work
+   diagnostics add to a step), interleaved, for a few shapes.
+2. Whole steps:
+an MLP with square and rectangular Linear layers, AdamW base, exact backend. Each repeat times
 ``steps`` optimizer steps (forward + backward + step) for each configuration in turn; the
 figures are medians over repeats. Also prints the memory diagnostics keep (one copy of each
 selected weight for the realised step) and the time of ``diagnostics()`` / ``report()``.
@@ -18,6 +21,8 @@ import time
 import torch
 
 import proxrank
+from proxrank.functional import prox_step
+from proxrank.optimizer import _Job
 
 
 def build(width: int, diagnostics: bool | proxrank.Diagnostics, seed: int = 0):
@@ -50,6 +55,30 @@ def run(model, opt, x, y, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def per_matrix(shapes: list[tuple[int, int]], repeats: int) -> None:
+    """Median times of prox_step and of record (on a precomputed result), interleaved."""
+    for m, n in shapes:
+        lin = torch.nn.Linear(n, m)
+        opt = proxrank.ProxRank(
+            torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=1.0, diagnostics=True
+        )
+        job = _Job(lin.weight, {}, 0.1, proxrank.SoftThreshold(), 0.1)
+        W = lin.weight.detach().clone()
+        result = prox_step(W, job.tau, job.prox, opt.backend, job.state)
+        prox_times, record_times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            prox_step(W, job.tau, job.prox, opt.backend, job.state)
+            prox_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            opt.tracker.record(job, W, result)
+            record_times.append(time.perf_counter() - start)
+        p, r = statistics.median(prox_times), statistics.median(record_times)
+        print(
+            f"  {m:5d}x{n:<5d} prox_step {1e3 * p:9.3f} ms  record {1e3 * r:.3f} ms ({r / p:.4f}x)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=256)
@@ -62,6 +91,8 @@ def main() -> None:
         f"cpu_count={torch.multiprocessing.cpu_count()}, torch threads={torch.get_num_threads()}, "
         f"torch {torch.__version__}"
     )
+    print("per matrix (median of", 5 * args.repeats, "interleaved repeats):")
+    per_matrix([(64, 64), (256, 256), (512, 256), (1024, 1024)], 5 * args.repeats)
     x = torch.randn(args.batch, args.width)
     y = torch.randint(0, 10, (args.batch,))
     configs = {
