@@ -47,7 +47,11 @@ tracker keeps a reference to the prox output it would otherwise free, i.e. **one
 every selected weight** (in the weight's dtype) while diagnostics are on;
 ``track_step=False`` drops it (``grad_mapping_norm`` and ``relative_step`` are then NaN and the
 rule can never be met). ``X_prev`` is not saved in checkpoints: the first step after
-``load_state_dict`` has no realised step.
+``load_state_dict`` has no realised step (and restarts the ``tol`` count of the rule).
+
+**History** (:class:`History`): the per-step statistics of every matrix, kept at a stride that
+doubles whenever ``history`` entries are held, so memory stays bounded however long the run
+(about ``history x matrices`` small tensors) while the trajectory still spans the whole run.
 """
 
 from __future__ import annotations
@@ -536,7 +540,7 @@ class Diagnostics:
                 before, after = spectra[name]
                 ax_spec.semilogy(range(1, len(before) + 1), before, "--", color=color)
                 kept = [s for s in after if s > 0]
-                ax_spec.semilogy(range(1, len(kept) + 1), kept, "-", color=color, label=name)
+                ax_spec.semilogy(range(1, len(kept) + 1), kept, ".-", color=color, label=name)
         ax_rank.set(xlabel="step", ylabel="rank after prox", title="rank trajectories")
         ax_spec.set(
             xlabel="index i",
