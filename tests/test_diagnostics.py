@@ -4,6 +4,7 @@ the verdict on a convex problem with a closed-form answer, bounded history, logg
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -269,6 +270,42 @@ def test_history_memory_is_bounded_over_1e5_steps():
     assert h.stride <= 2 * 100_000 / 100
 
 
+@settings(max_examples=20, deadline=None)
+@given(capacity=st.integers(2, 40), n=st.integers(0, 3000))
+def test_history_is_bounded_and_evenly_spaced(capacity, n):
+    h = History(capacity)
+    for step in range(n):
+        h.offer(step, step if h.wants() else None)
+    steps = [s for s, _ in h.items()]
+    assert len(h) < capacity and [item for _, item in h.items()] == steps
+    assert steps == list(range(0, n, h.stride))[: len(steps)]
+    if n:
+        assert steps[-1] > n - 1 - h.stride  # the most recent stride is covered
+
+
+def test_objective_needs_a_known_regularizer_and_a_loss():
+    class Shrink(proxrank.ProxMap):  # a thresholding map with no R known to diagnostics
+        name = "shrink"
+
+        def cutoff(self, tau):
+            return tau
+
+        def __call__(self, s, tau):
+            return torch.where(s > tau, 0.5 * s, torch.zeros_like(s))
+
+    Y = torch.eye(3, dtype=torch.float64)
+    _, opt, closure = quadratic(Y, Y, 0.5, 0.1, prox=Shrink(), diagnostics=True)
+    for _ in range(2):
+        opt.step(closure)
+    snap = opt.diagnostics()
+    assert snap.loss is not None and snap.objective is None
+    assert "objective -" in opt.report()
+    opt.zero_grad()
+    (0.5 * (opt.targets[0].param - Y).square().sum()).backward()
+    opt.step()  # no closure: no loss, no objective
+    assert opt.diagnostics().loss is None and opt.diagnostics().objective is None
+
+
 def test_tracker_history_is_bounded_and_state_roundtrips():
     g = torch.Generator().manual_seed(5)
     Y = torch.randn(5, 4, generator=g, dtype=torch.float64)
@@ -282,7 +319,10 @@ def test_tracker_history_is_bounded_and_state_roundtrips():
     for _ in range(50):
         opt.step(closure)
     assert len(opt.tracker.history) < 8
-    sd = opt.state_dict()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    sd = torch.load(buffer, weights_only=True)  # plain tensors, numbers and strings only
     before = opt.diagnostics()
     _, opt2, _ = quadratic(
         Y,
