@@ -61,7 +61,7 @@ import importlib
 import json
 import math
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -569,16 +569,31 @@ class Diagnostics:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        layers = {}
-        for name, entry in sd["layers"].items():
-            old = self._layers.get(name)
-            layer = _Layer(name, old.shape if old else self._shape_of(name))
-            layer.load_state_dict(entry)
-            layers[name] = layer
-        self._layers = layers
-        self._step = int(sd["step"])
-        self.history.load_state_dict(sd["history"])
-        self._recorded = []
+        """Restore a :meth:`state_dict` (validated first: nothing changes when it is bad)."""
+        self.prepare_load(sd)()
+
+    def prepare_load(self, sd: dict[str, Any]) -> Callable[[], None]:
+        """Validate ``sd`` without changing anything; returns the function that loads it (so
+        that ``ProxRank.load_state_dict`` can check everything before it changes anything)."""
+        try:
+            layers = {}
+            for name, entry in sd["layers"].items():
+                layers[name] = _Layer(name, self._shape_of(name))
+                layers[name].load_state_dict(entry)
+            history = History(self.history.capacity)
+            history.load_state_dict(sd["history"])
+            step = int(sd["step"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f"diagnostics state is malformed ({type(exc).__name__}: {exc}); load a "
+                "state_dict saved by a ProxRank with diagnostics on"
+            ) from exc
+
+        def commit() -> None:
+            self._layers, self.history, self._step = layers, history, step
+            self._recorded = []
+
+        return commit
 
     def _shape_of(self, name: str) -> tuple[int, int]:
         for t in self.optimizer.targets:

@@ -321,14 +321,17 @@ class ProxRank(Optimizer):
             out = hook(self, state_dict)
             state_dict = state_dict if out is None else out
         ours = state_dict.pop("proxrank", None)
+        load_diagnostics = None
         if ours is not None:
             loaded = self._check_loaded_targets(ours)
+            if self.tracker is not None and "diagnostics" in ours:
+                load_diagnostics = self.tracker.prepare_load(ours["diagnostics"])
         self.optimizer.load_state_dict(state_dict)
         if ours is not None:
             self.step_count = int(ours["step_count"])
             self._target_state = loaded
-            if self.tracker is not None and "diagnostics" in ours:
-                self.tracker.load_state_dict(ours["diagnostics"])
+            if load_diagnostics is not None:
+                load_diagnostics()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

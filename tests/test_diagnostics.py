@@ -337,6 +337,35 @@ def test_tracker_history_is_bounded_and_state_roundtrips():
     np.testing.assert_equal(opt2.tracker.trajectories(), opt.tracker.trajectories())
 
 
+def test_bad_diagnostics_state_changes_nothing():
+    Y = torch.eye(3, dtype=torch.float64)
+    _, opt, closure = quadratic(Y, 2 * Y, 0.5, 0.1, diagnostics=True)
+    opt.step(closure)
+    good = opt.state_dict()
+    opt.step(closure)
+    before_state, before_diag = opt.state_dict(), opt.diagnostics()
+    assert before_diag.step == 2
+    for corrupt in (
+        {**good["proxrank"]["diagnostics"], "history": {}},
+        {**good["proxrank"]["diagnostics"], "layers": {"other.weight": {}}},
+    ):
+        groups = [{**g, "lr": 0.123} for g in good["param_groups"]]
+        bad = {
+            **good,
+            "param_groups": groups,
+            "proxrank": {**good["proxrank"], "diagnostics": corrupt},
+        }
+        with pytest.raises(ValueError, match=r"malformed|does not select"):
+            opt.load_state_dict(bad)
+        assert opt.diagnostics() == before_diag and opt.step_count == 2
+        assert opt.param_groups[0]["lr"] == 0.5  # the base optimizer was not loaded either
+    opt.load_state_dict(good)
+    assert opt.diagnostics().step == 1
+    # a plain base state dict leaves the diagnostics alone
+    opt.load_state_dict({k: v for k, v in before_state.items() if k != "proxrank"})
+    assert opt.diagnostics().step == 1
+
+
 # -- outputs ---------------------------------------------------------------------------------------
 def mlp_run(tmp_path, steps=6, **diag_kw):
     torch.manual_seed(0)
