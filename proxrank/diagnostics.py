@@ -639,7 +639,7 @@ def format_report(snap: ModelDiagnostics) -> str:
         "prox res",
         "||G||",
         "rel.step",
-        "stable",
+        "rank held",
         "factorized",
         "backend",
         "err.bound",
@@ -676,6 +676,11 @@ def format_report(snap: ModelDiagnostics) -> str:
         f"params: {snap.dense_params} dense, {snap.factorized_params} if factorized now "
         f"(compression {snap.compression_ratio:.3g}x)  loss {_fmt(snap.loss)}  "
         f"objective {_fmt(snap.objective)}"
+    )
+    lines.append(
+        "energy-: share of ||W||_F^2 the prox removed; prox res: ||X - W||_F; ||G||: "
+        "||X_t+1 - X_t||_F / lr; rel.step: ||X_t+1 - X_t||_F / ||X||_F; rank held: steps since "
+        "the rank changed; factorized: r(m+n) / mn"
     )
     return "\n".join(lines)
 

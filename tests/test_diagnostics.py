@@ -433,7 +433,7 @@ def test_report_lists_every_layer(tmp_path):
     for lay in snaps[-1].layers:
         (line,) = [ln for ln in lines if ln.startswith(lay.name + " ")]
         assert f" {lay.rank} " in line and f"{lay.shape[0]}x{lay.shape[1]}" in line
-    assert f"{snaps[-1].dense_params} dense" in lines[-1]
+    assert f"{snaps[-1].dense_params} dense" in lines[-2]
 
 
 def test_plot_is_written(tmp_path):
