@@ -8,7 +8,7 @@ an MLP with square and rectangular Linear layers, AdamW base, exact backend. Eac
 figures are medians over repeats. Also prints the memory diagnostics keep (one copy of each
 selected weight for the realised step) and the time of ``diagnostics()`` / ``report()``.
 
-    python benchmarks/diagnostics_overhead.py [--width 256] [--steps 20] [--repeats 7]
+    python benchmarks/diagnostics_overhead.py [--width 256] [--steps 20] [--repeats 7] [--threads N]
 """
 
 from __future__ import annotations
@@ -85,7 +85,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
         f"cpu_count={torch.multiprocessing.cpu_count()}, torch threads={torch.get_num_threads()}, "
