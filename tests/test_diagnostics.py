@@ -514,6 +514,8 @@ def test_errors():
     for kw in [{"history": 1}, {"log_every": 0}, {"full_spectrum_every": -1}]:
         with pytest.raises(ValueError, match=next(iter(kw)).split("_")[0]):
             proxrank.Diagnostics(**kw)
+    with pytest.raises(TypeError, match="rule must be a ConvergenceRule"):
+        proxrank.Diagnostics(rule=100)
     with pytest.raises(TypeError, match="loggers"):
         proxrank.Diagnostics(loggers=[print])
     with pytest.raises(TypeError, match="SummaryWriter"):
