@@ -11,6 +11,15 @@ from . import functional
 from .backends import Backend, ExactBackend, SVDResult
 from .budget import Allocation, allocate_ranks
 from .compress import LayerCompression, compress
+from .diagnostics import (
+    ConvergenceRule,
+    CSVLogger,
+    Diagnostics,
+    JSONLinesLogger,
+    LayerDiagnostics,
+    ModelDiagnostics,
+    TensorBoardLogger,
+)
 from .metrics import (
     ActivationMetric,
     AdamMetric,
@@ -35,12 +44,18 @@ __all__ = [
     "AdamMetric",
     "Allocation",
     "Backend",
+    "CSVLogger",
+    "ConvergenceRule",
+    "Diagnostics",
     "EuclideanMetric",
     "ExactBackend",
     "FisherMetric",
     "HardThreshold",
+    "JSONLinesLogger",
     "LayerCompression",
+    "LayerDiagnostics",
     "Metric",
+    "ModelDiagnostics",
     "ProxMap",
     "ProxRank",
     "Ramp",
@@ -48,6 +63,7 @@ __all__ = [
     "Schedule",
     "SoftThreshold",
     "Target",
+    "TensorBoardLogger",
     "TwoSidedMetric",
     "Weighting",
     "__version__",

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import Backend, compute_dtype, get_backend
+from .diagnostics import Diagnostics, ModelDiagnostics
 from .functional import ProxResult, prox_step
 from .metrics import InputHooks, Metric, Weighting, get_metric
 from .prox import ProxMap, get_prox
@@ -37,6 +38,8 @@ class _Job:
     rank: int | None = None
     #: The metric's weights: the prox acts on ``A^{1/2} W B^{1/2}`` (``None``: Euclidean).
     weighting: Weighting | None = None
+    #: The group's learning rate at this step (diagnostics: the gradient mapping).
+    lr: float = math.nan
 
 
 def _check_lam(value: Any, where: str) -> float:
@@ -92,6 +95,9 @@ class ProxRank(Optimizer):
             and removed by :meth:`close` or when the optimizer is garbage-collected.
         schedule: a :class:`proxrank.Schedule` (warm-up, strength or rank ramps, a global
             parameter budget, periodic prox, frozen ranks), read from the step count.
+        diagnostics: ``True`` or a :class:`proxrank.Diagnostics` to track convergence
+            diagnostics (:meth:`diagnostics`, :meth:`report`); off by default, as tracking the
+            realised step keeps one copy of every selected weight.
 
     Example::
 
@@ -112,6 +118,7 @@ class ProxRank(Optimizer):
         check_finite: bool = True,
         metric: str | Metric = "euclidean",
         schedule: Schedule | None = None,
+        diagnostics: bool | Diagnostics = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -163,6 +170,13 @@ class ProxRank(Optimizer):
             schedule.check(self._targets)
         #: Number of completed steps (base step + prox).
         self.step_count = 0
+        if not isinstance(diagnostics, bool | Diagnostics):
+            raise TypeError(
+                f"diagnostics must be True, False or a proxrank.Diagnostics, got {diagnostics!r}"
+            )
+        self.tracker = Diagnostics() if diagnostics is True else diagnostics or None
+        if self.tracker is not None:
+            self.tracker.bind(self)
 
     # -- shared state: always the base optimizer's own objects (load_state_dict rebinds them) --
     @property
@@ -320,6 +334,8 @@ class ProxRank(Optimizer):
             self._raise_if_nonfinite("after the base optimizer's step", grads=False)
         self._apply_prox(groups)
         self.step_count += 1
+        if self.tracker is not None:
+            self.tracker.end_step(loss)
         return loss
 
     @torch.no_grad()
@@ -352,7 +368,7 @@ class ProxRank(Optimizer):
                 weighting = metric.weighting(state, self.optimizer.state.get(p, {}), shape)
                 if weighting is not None:
                     weighting = weighting.to(compute_dtype(p.dtype))
-                jobs.append(_Job(p, state, *planned, weighting=weighting))
+                jobs.append(_Job(p, state, *planned, weighting=weighting, lr=float(group["lr"])))
         return jobs
 
     def _batches(self, jobs: list[_Job]) -> Iterable[list[_Job]]:
@@ -379,9 +395,28 @@ class ProxRank(Optimizer):
             p = job.param
             W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
             result = self._prox(W, job)
+            if self.tracker is not None:  # before the write-back: W may share p's storage
+                self.tracker.record(job, W, result)
             p.copy_(result.X.reshape(p.shape))
             if self.schedule is not None:  # the rank a schedule freezes at
                 job.state["rank"] = int((result.S_new > 0).sum())
+
+    # -- diagnostics ---------------------------------------------------------------------
+    def _require_tracker(self) -> Diagnostics:
+        if self.tracker is None:
+            raise ValueError(
+                "diagnostics are off; build the optimizer with ProxRank(..., diagnostics=True)"
+            )
+        return self.tracker
+
+    def diagnostics(self) -> ModelDiagnostics:
+        """Convergence diagnostics after the last step, as plain data (see
+        :mod:`proxrank.diagnostics`); the history, loggers and plot are on :attr:`tracker`."""
+        return self._require_tracker().snapshot()
+
+    def report(self) -> str:
+        """A readable per-matrix table of :meth:`diagnostics`."""
+        return self._require_tracker().report()
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -403,6 +438,8 @@ class ProxRank(Optimizer):
                 for t in self._targets
             },
         }
+        if self.tracker is not None:
+            sd["proxrank"]["diagnostics"] = self.tracker.state_dict()
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             sd = sd if out is None else out
@@ -416,14 +453,19 @@ class ProxRank(Optimizer):
             out = hook(self, state_dict)
             state_dict = state_dict if out is None else out
         ours = state_dict.pop("proxrank", None)
+        load_diagnostics = None
         if ours is not None:
             loaded = self._check_loaded_targets(ours)
             schedule = self._check_loaded_schedule(ours.get("schedule"))
+            if self.tracker is not None and "diagnostics" in ours:
+                load_diagnostics = self.tracker.prepare_load(ours["diagnostics"])
         self.optimizer.load_state_dict(state_dict)
         if ours is not None:
             self.step_count = int(ours["step_count"])
             self.schedule = schedule
             self._target_state = loaded
+            if load_diagnostics is not None:
+                load_diagnostics()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -1,0 +1,807 @@
+r"""Convergence diagnostics: where each weight matrix stands, updated by every prox step.
+
+Every figure comes from what the prox already computed (:class:`proxrank.functional.ProxResult`:
+the input's singular values ``s = svd.S``, the mapped ones ``s' = S_new`` and the output ``X``),
+plus two ``O(mn)`` norms. With ``W`` the weight entering the prox (after the base step),
+``X = prox(W)`` the weight written back and ``X_prev`` the weight the previous prox wrote:
+
+=========================  =====================================================================
+figure                     definition
+=========================  =====================================================================
+``rank``                   ``#{i : s'_i > 0}``, the rank after the prox
+``effective_rank``         ``exp(H(p))``, ``p_i = s'_i / sum_j s'_j``, ``H(p) = -sum p_i log p_i``
+                           (Roy & Vetterli 2007; 0 for a zero matrix)
+``nuclear_norm``           ``||X||_* = sum s'_i``
+``tau``                    the threshold the prox used (``lam * lr``)
+``energy_removed``         ``(||W||_F^2 - ||X||_F^2) / ||W||_F^2`` (``||X||_F^2 = sum s'_i^2``)
+``prox_residual``          ``||X - W||_F``: how far the prox moved the weight. At a fixed point
+                           of proximal SGD it tends to ``lr ||grad f(W*)||_F``, not to zero.
+``grad_mapping_norm``      ``||X - X_prev||_F / lr``: the realised step over the learning rate.
+                           With a plain SGD base this is the gradient mapping
+                           ``G(X_prev) = (X_prev - prox(X_prev - lr grad f)) / lr``, the
+                           stationarity measure of proximal gradient methods (0 at a stationary
+                           point); with other bases, the same quantity for their step.
+``relative_step``          ``||X - X_prev||_F / max(||X||_F, ||X_prev||_F)`` (0 when both are 0)
+``steps_since_rank_change``  prox steps since ``rank`` last differed from the step before
+``factorized_params``      ``rank (m + n)`` against ``dense_params = m n``
+``backend``, ``error_bound``  read from the matrix's state when a backend writes them
+                           (``state["backend"]``, ``state["error_bound"]``); otherwise the
+                           optimizer's backend name and the bound the backend returned
+=========================  =====================================================================
+
+Model level (:class:`ModelDiagnostics`): parameters the optimizer trains, the count if every
+selected matrix with ``rank (m + n) < m n`` were factorized now, their ratio, and the
+regularised objective ``F(W_t) = f(W_t) + sum_l lam_l R_l(W_t)`` when the closure returned the
+loss ``f(W_t)`` (``R = ||.||_*`` for the soft prox, ``rank`` for the hard one; ``W_t`` is the
+weight the closure saw, i.e. the previous prox's output, so the first step has no objective).
+
+**Convergence rule** (:class:`ConvergenceRule`, configurable): a matrix has converged when its
+rank has not changed for ``patience`` prox steps *and* its ``relative_step`` has stayed at or
+below ``tol`` for the last ``patience`` prox steps; the model has converged when every matrix
+recorded at the last step has.
+
+**Cost.** Per matrix and step: a handful of reductions over the ``k`` singular values, two
+Frobenius norms (``O(mn)``), no device synchronisation (everything stays a tensor until
+:meth:`Diagnostics.snapshot` or a logger converts it). The realised step needs ``X_prev``: the
+tracker keeps a reference to the prox output it would otherwise free, i.e. **one extra copy of
+every selected weight** (in the weight's dtype) while diagnostics are on;
+``track_step=False`` drops it (``grad_mapping_norm`` and ``relative_step`` are then NaN and the
+rule can never be met). ``X_prev`` is not saved in checkpoints: the first step after
+``load_state_dict`` has no realised step (and restarts the ``tol`` count of the rule).
+
+**History** (:class:`History`): the per-step statistics of every matrix, kept at a stride that
+doubles whenever ``history`` entries are held, so memory stays bounded however long the run
+(about ``history x matrices`` small tensors) while the trajectory still spans the whole run.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .prox import HardThreshold, SoftThreshold
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .functional import ProxResult
+    from .optimizer import ProxRank, _Job
+
+__all__ = [
+    "CSVLogger",
+    "ConvergenceRule",
+    "Diagnostics",
+    "DiagnosticsLogger",
+    "History",
+    "JSONLinesLogger",
+    "LayerDiagnostics",
+    "ModelDiagnostics",
+    "TensorBoardLogger",
+]
+
+#: Per-step statistics kept as one small tensor per matrix (and in the history), in this order.
+STAT_FIELDS = (
+    "rank",
+    "effective_rank",
+    "nuclear_norm",
+    "energy_removed",
+    "prox_residual",
+    "grad_mapping_norm",
+    "relative_step",
+    "error_bound",
+)
+
+
+@dataclass(frozen=True)
+class ConvergenceRule:
+    """A matrix has converged when its rank has been unchanged for ``patience`` prox steps and
+    ``||X_t+1 - X_t||_F / max(||X_t+1||_F, ||X_t||_F) <= tol`` held at each of the last
+    ``patience`` prox steps. The model has converged when all matrices have."""
+
+    patience: int = 100
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int):
+            raise TypeError(f"ConvergenceRule patience must be an int >= 1, got {self.patience!r}")
+        if self.patience < 1:
+            raise ValueError(f"ConvergenceRule patience must be >= 1, got {self.patience}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, int | float):
+            raise TypeError(f"ConvergenceRule tol must be a real number >= 0, got {self.tol!r}")
+        if not math.isfinite(self.tol) or self.tol < 0:
+            raise ValueError(f"ConvergenceRule tol must be finite and >= 0, got {self.tol!r}")
+
+    def __str__(self) -> str:
+        return (
+            f"rank unchanged for {self.patience} steps and relative step <= {self.tol:g} "
+            f"for {self.patience} steps"
+        )
+
+
+@dataclass
+class LayerDiagnostics:
+    """Plain-data view of one matrix after its last prox (see the module docstring)."""
+
+    name: str
+    shape: tuple[int, int]
+    step: int
+    rank: int
+    effective_rank: float
+    nuclear_norm: float
+    tau: float
+    energy_removed: float
+    prox_residual: float
+    grad_mapping_norm: float
+    relative_step: float
+    steps_since_rank_change: int
+    factorized_params: int
+    dense_params: int
+    backend: str
+    error_bound: float
+    converged: bool
+
+
+@dataclass
+class ModelDiagnostics:
+    """Plain-data view of the whole model after the last step.
+
+    ``dense_params``: all parameters the optimizer trains; ``factorized_params``: the same with
+    every selected matrix whose ``rank (m + n) < m n`` counted as ``rank (m + n)``;
+    ``compression_ratio = dense_params / factorized_params``. ``loss`` is the closure's value
+    ``f(W_t)`` and ``objective = f(W_t) + sum lam R(W_t)`` (``None`` when unavailable).
+    """
+
+    step: int
+    layers: list[LayerDiagnostics]
+    dense_params: int
+    factorized_params: int
+    compression_ratio: float
+    loss: float | None
+    objective: float | None
+    converged: bool
+    rule: ConvergenceRule = field(default_factory=ConvergenceRule)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested dicts and lists of numbers and strings (JSON-serialisable)."""
+        return asdict(self)
+
+
+class History:
+    """A bounded record of per-step values that spans the whole run.
+
+    Items offered one per step are kept at a stride: every item while fewer than ``capacity``
+    are held; when the buffer fills up, every other item is dropped and the stride doubles. The
+    buffer therefore never holds more than ``capacity`` items, and they are evenly spaced over
+    the run (stride ``2^j``), so trajectories stay plottable from the first step to the last.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
+            raise ValueError(f"history capacity must be an int >= 2, got {capacity!r}")
+        self.capacity = capacity
+        self.stride = 1
+        self.offered = 0
+        self._items: list[tuple[int, Any]] = []
+
+    def wants(self) -> bool:
+        """Whether the next offered item will be kept (compute it only then)."""
+        return self.offered % self.stride == 0
+
+    def offer(self, step: int, item: Any = None) -> None:
+        """Offer the item of ``step``; ``item`` is only stored when :meth:`wants` was true."""
+        if self.wants():
+            self._items.append((step, item))
+            if len(self._items) >= self.capacity:
+                self._items = self._items[::2]
+                self.stride *= 2
+        self.offered += 1
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def items(self) -> list[tuple[int, Any]]:
+        """The kept ``(step, item)`` pairs, oldest first."""
+        return list(self._items)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stride": self.stride, "offered": self.offered, "items": list(self._items)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.stride, self.offered = int(sd["stride"]), int(sd["offered"])
+        self._items = [(int(s), item) for s, item in sd["items"]][-self.capacity + 1 :]
+
+
+class _Layer:
+    """Running state of one matrix: the latest statistics (tensors) and the counters."""
+
+    def __init__(self, name: str, shape: tuple[int, int]) -> None:
+        self.name, self.shape = name, shape
+        self.step = -1
+        self.tau = math.nan
+        self.backend = ""
+        self.stats: Tensor | None = None
+        self.rank: Tensor | None = None
+        self.norm: Tensor | None = None  # ||X||_F of the last output
+        self.since_rank: Tensor | None = None
+        self.below_tol: Tensor | None = None
+        self.reg: Tensor | None = None  # lam R(X) of the last output
+        self.reg_in: Tensor | None = None  # lam R(W_t): the value at the previous step
+        self.prev: Tensor | None = None  # the last output, for the realised step
+        self.spectra: tuple[Tensor, Tensor] | None = None  # (before, after)
+
+    _SAVED = ("step", "tau", "backend", "stats", "rank", "norm", "since_rank", "below_tol", "reg")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._SAVED}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for k in self._SAVED:
+            setattr(self, k, sd[k])
+        self.reg_in, self.prev, self.spectra = None, None, None
+
+
+class Diagnostics:
+    """Tracks convergence diagnostics of a :class:`proxrank.ProxRank` (pass it, or ``True``, as
+    its ``diagnostics`` argument).
+
+    Args:
+        rule: the :class:`ConvergenceRule` behind ``converged``.
+        history: capacity of the :class:`History` of per-step statistics.
+        track_step: keep the last prox output of every matrix (one copy of each selected weight)
+            to measure the realised step ``||X_t+1 - X_t||_F / lr``.
+        full_spectrum_every: every this many steps, when the backend returned only part of the
+            input's spectrum, compute all of it (``torch.linalg.svdvals``) for :meth:`plot`;
+            0 (default) never does.
+        loggers: :class:`DiagnosticsLogger` objects called with a :meth:`snapshot`.
+        log_every: call the loggers every this many steps (each call converts the tensors to
+            Python numbers: one device synchronisation).
+    """
+
+    def __init__(
+        self,
+        *,
+        rule: ConvergenceRule | None = None,
+        history: int = 1024,
+        track_step: bool = True,
+        full_spectrum_every: int = 0,
+        loggers: Sequence[DiagnosticsLogger] = (),
+        log_every: int = 1,
+    ) -> None:
+        self.rule = ConvergenceRule() if rule is None else rule
+        if not isinstance(self.rule, ConvergenceRule):
+            raise TypeError(f"rule must be a ConvergenceRule, got {type(rule).__name__}")
+        for option, value, low in (
+            ("full_spectrum_every", full_spectrum_every, 0),
+            ("log_every", log_every, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{option} must be an int >= {low}, got {value!r}")
+        for logger in loggers:
+            if not isinstance(logger, DiagnosticsLogger):
+                raise TypeError(
+                    f"loggers entries must be DiagnosticsLogger instances, got {logger!r}"
+                )
+        self.history = History(history)
+        self.track_step = bool(track_step)
+        self.full_spectrum_every = full_spectrum_every
+        self.loggers = list(loggers)
+        self.log_every = log_every
+        self._layers: dict[str, _Layer] = {}
+        self._recorded: list[_Layer] = []  # matrices recorded during the current step
+        self._owner: weakref.ReferenceType[ProxRank] | None = None
+        self._names: dict[int, tuple[str, tuple[int, int]]] = {}
+        self._step = 0
+        self._loss: Tensor | float | None = None
+        self._objective: Tensor | float | None = None
+
+    # -- binding -------------------------------------------------------------------------
+    def bind(self, optimizer: ProxRank) -> None:
+        """Attach to the optimizer whose steps are recorded (done by ``ProxRank``)."""
+        owner = None if self._owner is None else self._owner()
+        if owner is not None and owner is not optimizer:
+            raise ValueError(
+                "this Diagnostics object already tracks another ProxRank; create one per optimizer"
+            )
+        self._owner = weakref.ref(optimizer)
+
+    @property
+    def optimizer(self) -> ProxRank:
+        owner = None if self._owner is None else self._owner()
+        if owner is None:
+            raise RuntimeError(
+                "Diagnostics is not attached to a ProxRank; pass it as ProxRank(..., "
+                "diagnostics=...)"
+            )
+        return owner
+
+    def _layer(self, param: Tensor) -> _Layer:
+        key = id(param)
+        if key not in self._names:
+            self._names = {id(t.param): (t.name, t.shape2d) for t in self.optimizer.targets}
+        name, shape = self._names[key]
+        if name not in self._layers:
+            self._layers[name] = _Layer(name, shape)
+        return self._layers[name]
+
+    # -- recording (hot path: tensors only, no synchronisation) ---------------------------
+    @torch.no_grad()
+    def record(self, job: _Job, W: Tensor, result: ProxResult) -> None:
+        """Update one matrix from its prox: ``W`` the input ``(m, n)`` and ``result`` the
+        :func:`proxrank.functional.prox_step` output. Call it before ``X`` is written into the
+        parameter (``W`` may share its storage)."""
+        layer = self._layer(job.param)
+        S_new, X = result.S_new, result.X
+        rank = torch.count_nonzero(S_new)
+        nuclear = S_new.sum()
+        out_norm = torch.linalg.vector_norm(S_new)
+        in_sq = torch.linalg.vector_norm(W).square()
+        p = S_new / torch.where(nuclear > 0, nuclear, 1)
+        effective_rank = torch.where(nuclear > 0, torch.exp(-torch.xlogy(p, p).sum()), 0)
+        energy_removed = torch.where(in_sq > 0, 1 - out_norm.square() / in_sq, 0).clamp(0, 1)
+        step_norm, relative_step = self._realised_step(layer, job, X, out_norm)
+        nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
+
+        zero = torch.zeros((), dtype=torch.int64, device=X.device)
+        if layer.rank is None:
+            layer.since_rank = layer.below_tol = zero - 1  # both become 0 below
+            layer.rank = rank
+        layer.since_rank = torch.where(rank == layer.rank, layer.since_rank + 1, zero)
+        small_step = relative_step <= self.rule.tol  # False while NaN
+        layer.below_tol = torch.where(small_step, layer.below_tol + 1, zero)
+
+        lam = job.tau / job.lr if job.lr > 0 else math.nan
+        reg = nan
+        if isinstance(job.prox, SoftThreshold):
+            reg = lam * nuclear
+        elif isinstance(job.prox, HardThreshold):
+            reg = lam * rank.to(X.dtype)
+        layer.reg_in, layer.reg = (nan if layer.reg is None else layer.reg), reg
+        layer.rank, layer.norm = rank, out_norm
+        error_bound = job.state.get("error_bound", result.svd.error_bound)
+        layer.stats = torch.stack(
+            [
+                rank.to(X.dtype),
+                effective_rank.to(X.dtype),
+                nuclear,
+                energy_removed,
+                torch.dist(X, W),  # prox residual
+                step_norm / job.lr if job.lr > 0 else nan,  # gradient mapping
+                relative_step,
+                torch.as_tensor(error_bound, dtype=X.dtype, device=X.device).reshape(()),
+            ]
+        )
+        layer.tau = float(job.tau)
+        layer.backend = str(job.state.get("backend", self.optimizer.backend.name))
+        layer.step = self._step
+        layer.spectra = (self._spectrum_before(layer, W, result.svd.S), S_new.detach())
+        self._recorded.append(layer)
+
+    def _realised_step(
+        self, layer: _Layer, job: _Job, X: Tensor, out_norm: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``||X - X_prev||_F`` and its relative size (NaN without ``X_prev``); keeps ``X`` as the
+        next ``X_prev`` when ``track_step`` (the prox's fresh output, never a view of the
+        weight, cast to the weight's dtype: what is written back)."""
+        written = X.to(job.param.dtype)
+        nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
+        step_norm, relative = nan, nan
+        prev, layer.prev = layer.prev, None
+        if prev is not None and prev.shape == written.shape:
+            step_norm = torch.dist(written.to(X.dtype), prev.to(X.dtype))
+            scale = torch.maximum(out_norm, layer.norm.to(X))
+            relative = torch.where(scale > 0, step_norm / torch.where(scale > 0, scale, 1), 0)
+        if self.track_step:
+            aliased = written.untyped_storage().data_ptr() == job.param.untyped_storage().data_ptr()
+            layer.prev = written.detach().clone() if aliased else written.detach()
+        return step_norm, relative
+
+    def _spectrum_before(self, layer: _Layer, W: Tensor, S: Tensor) -> Tensor:
+        """The input's singular values as the backend returned them; all of them every
+        ``full_spectrum_every`` steps when the backend returned only the largest."""
+        m, n = layer.shape
+        every = self.full_spectrum_every
+        if every and self._step % every == 0 and S.shape[-1] < min(m, n):
+            return torch.linalg.svdvals(W)
+        return S.detach()
+
+    def end_step(self, loss: Any = None) -> None:
+        """Close the step: objective, history, loggers. ``loss`` is what the closure returned."""
+        if isinstance(loss, Tensor):
+            loss = loss.detach()
+            loss = loss.reshape(()) if loss.numel() == 1 else None
+        elif not isinstance(loss, int | float) or isinstance(loss, bool):
+            loss = None
+        self._loss = loss
+        self._objective = None
+        if loss is not None and self._recorded:
+            self._objective = loss + sum(layer.reg_in for layer in self._recorded)
+        if self.history.wants():
+            item = {layer.name: layer.stats for layer in self._recorded}
+            item["loss"], item["objective"] = self._loss, self._objective
+            self.history.offer(self._step, item)
+        else:
+            self.history.offer(self._step)
+        self._recorded = []
+        self._step += 1
+        if self.loggers and self._step % self.log_every == 0:
+            snap = self.snapshot()
+            for logger in self.loggers:
+                logger.log(snap)
+
+    # -- reading -------------------------------------------------------------------------
+    def _layer_view(self, layer: _Layer) -> LayerDiagnostics:
+        values = dict(zip(STAT_FIELDS, layer.stats.tolist(), strict=True))
+        since, below = int(layer.since_rank), int(layer.below_tol)
+        m, n = layer.shape
+        rank = int(values.pop("rank"))
+        return LayerDiagnostics(
+            name=layer.name,
+            shape=layer.shape,
+            step=layer.step,
+            rank=rank,
+            tau=layer.tau,
+            steps_since_rank_change=since,
+            factorized_params=rank * (m + n),
+            dense_params=m * n,
+            backend=layer.backend,
+            converged=since >= self.rule.patience and below >= self.rule.patience,
+            **values,
+        )
+
+    def snapshot(self) -> ModelDiagnostics:
+        """The current diagnostics as plain data (synchronises the device once per matrix)."""
+        opt = self.optimizer
+        layers = [
+            self._layer_view(self._layers[t.name])
+            for t in opt.targets
+            if t.name in self._layers and self._layers[t.name].stats is not None
+        ]
+        params = {id(p): p for g in opt.param_groups for p in g["params"]}
+        dense = sum(p.numel() for p in params.values())
+        saved = sum(max(0, lay.dense_params - lay.factorized_params) for lay in layers)
+        factorized = dense - saved
+        last = self._step - 1
+        current = [lay for lay in layers if lay.step == last]
+        return ModelDiagnostics(
+            step=self._step,
+            layers=layers,
+            dense_params=dense,
+            factorized_params=factorized,
+            compression_ratio=dense / factorized if factorized else math.inf,
+            loss=_to_float(self._loss),
+            objective=_to_float(self._objective),
+            converged=bool(current) and all(lay.converged for lay in current),
+            rule=self.rule,
+        )
+
+    def report(self) -> str:
+        """A per-matrix table of :meth:`snapshot` (see the module docstring for the columns)."""
+        return format_report(self.snapshot())
+
+    def trajectories(self) -> dict[str, dict[str, list[float]]]:
+        """From the history: ``{name: {"step": [...], field: [...] for field in STAT_FIELDS}}``
+        plus ``"model"`` with ``step``, ``loss`` and ``objective``."""
+        out: dict[str, dict[str, list[float]]] = {}
+        model: dict[str, list[float]] = {"step": [], "loss": [], "objective": []}
+        for step, item in self.history.items():
+            for key, value in item.items():
+                if key in ("loss", "objective"):
+                    continue
+                row = out.setdefault(key, {"step": [], **{f: [] for f in STAT_FIELDS}})
+                row["step"].append(step)
+                for f, v in zip(STAT_FIELDS, value.tolist(), strict=True):
+                    row[f].append(v)
+            model["step"].append(step)
+            for key in ("loss", "objective"):
+                v = _to_float(item[key])
+                model[key].append(math.nan if v is None else v)
+        out["model"] = model
+        return out
+
+    def spectra(self) -> dict[str, tuple[list[float], list[float]]]:
+        """The latest singular values of every matrix: ``{name: (before, after)}`` (``before``
+        holds only the triplets the backend computed unless ``full_spectrum_every`` is set)."""
+        return {
+            name: (layer.spectra[0].tolist(), layer.spectra[1].tolist())
+            for name, layer in self._layers.items()
+            if layer.spectra is not None
+        }
+
+    def plot(self, path: str | Path, *, layers: Iterable[str] | None = None) -> Path:
+        """Save a figure to ``path`` (format from its suffix): rank trajectories per matrix
+        (left) and each matrix's latest singular values before (dashed) and after (solid) the
+        prox (right, log scale). Needs matplotlib (``pip install proxrank[demo]``)."""
+        agg = _optional("matplotlib.backends.backend_agg", "Diagnostics.plot", "demo")
+        figure = _optional("matplotlib.figure", "Diagnostics.plot", "demo")
+        traj = self.trajectories()
+        spectra = self.spectra()
+        names = [n for n in traj if n != "model"] if layers is None else list(layers)
+        unknown = [n for n in names if n not in traj]
+        if unknown:
+            raise ValueError(
+                f"layers {unknown} have no recorded diagnostics; choose from "
+                f"{[n for n in traj if n != 'model']}"
+            )
+        fig = figure.Figure(figsize=(12, 4.5))
+        agg.FigureCanvasAgg(fig)
+        ax_rank, ax_spec = fig.subplots(1, 2)
+        for i, name in enumerate(names):
+            color = f"C{i % 10}"
+            ax_rank.plot(traj[name]["step"], traj[name]["rank"], color=color, label=name)
+            if name in spectra:
+                before, after = spectra[name]
+                ax_spec.semilogy(range(1, len(before) + 1), before, "--", color=color)
+                kept = [s for s in after if s > 0]
+                ax_spec.semilogy(range(1, len(kept) + 1), kept, ".-", color=color, label=name)
+        ax_rank.set(xlabel="step", ylabel="rank after prox", title="rank trajectories")
+        ax_spec.set(
+            xlabel="index i",
+            ylabel="singular value s_i",
+            title="spectra: before prox (dashed), after (solid)",
+        )
+        if names:
+            ax_rank.legend(fontsize="small")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+        return path
+
+    def close(self) -> None:
+        """Close every logger."""
+        for logger in self.loggers:
+            logger.close()
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, latest statistics and the history (not the kept weights)."""
+        return {
+            "step": self._step,
+            "layers": {name: layer.state_dict() for name, layer in self._layers.items()},
+            "history": self.history.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (validated first: nothing changes when it is bad)."""
+        self.prepare_load(sd)()
+
+    def prepare_load(self, sd: dict[str, Any]) -> Callable[[], None]:
+        """Validate ``sd`` without changing anything; returns the function that loads it (so
+        that ``ProxRank.load_state_dict`` can check everything before it changes anything)."""
+        try:
+            layers = {}
+            for name, entry in sd["layers"].items():
+                layers[name] = _Layer(name, self._shape_of(name))
+                layers[name].load_state_dict(entry)
+            history = History(self.history.capacity)
+            history.load_state_dict(sd["history"])
+            step = int(sd["step"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(
+                f"diagnostics state is malformed ({type(exc).__name__}: {exc}); load a "
+                "state_dict saved by a ProxRank with diagnostics on"
+            ) from exc
+
+        def commit() -> None:
+            self._layers, self.history, self._step = layers, history, step
+            self._recorded = []
+
+        return commit
+
+    def _shape_of(self, name: str) -> tuple[int, int]:
+        for t in self.optimizer.targets:
+            if t.name == name:
+                return t.shape2d
+        raise ValueError(
+            f"diagnostics state has a matrix {name!r} that this optimizer does not select; "
+            "build the ProxRank with the same model and include/exclude"
+        )
+
+
+def _optional(module: str, feature: str, extra: str) -> Any:
+    """Import an optional dependency, naming the extra that provides it when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"{feature} needs {module!r}, which is not installed; pip install 'proxrank[{extra}]'"
+        ) from exc
+
+
+def _to_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    value = float(x)
+    return None if math.isnan(value) else value
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def format_report(snap: ModelDiagnostics) -> str:
+    """Render a :class:`ModelDiagnostics` as a fixed-width table."""
+    head = (
+        "layer",
+        "shape",
+        "rank",
+        "eff.rank",
+        "nuclear",
+        "tau",
+        "energy-",
+        "prox res",
+        "||G||",
+        "rel.step",
+        "rank held",
+        "factorized",
+        "backend",
+        "err.bound",
+        "conv",
+    )
+    rows = [head]
+    for lay in snap.layers:
+        m, n = lay.shape
+        rows.append(
+            (
+                lay.name,
+                f"{m}x{n}",
+                str(lay.rank),
+                _fmt(lay.effective_rank),
+                _fmt(lay.nuclear_norm),
+                _fmt(lay.tau),
+                f"{100 * lay.energy_removed:.1f}%",
+                _fmt(lay.prox_residual),
+                _fmt(lay.grad_mapping_norm),
+                _fmt(lay.relative_step),
+                str(lay.steps_since_rank_change),
+                f"{lay.factorized_params}/{lay.dense_params}",
+                lay.backend,
+                _fmt(lay.error_bound),
+                "yes" if lay.converged else "no",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    verdict = "yes" if snap.converged else "no"
+    lines.insert(0, f"step {snap.step}  converged: {verdict}  (rule: {snap.rule})")
+    lines.append(
+        f"params: {snap.dense_params} dense, {snap.factorized_params} if factorized now "
+        f"(compression {snap.compression_ratio:.3g}x)  loss {_fmt(snap.loss)}  "
+        f"objective {_fmt(snap.objective)}"
+    )
+    lines.append(
+        "energy-: share of ||W||_F^2 the prox removed; prox res: ||X - W||_F; ||G||: "
+        "||X_t+1 - X_t||_F / lr; rel.step: ||X_t+1 - X_t||_F / ||X||_F; rank held: steps since "
+        "the rank changed; factorized: r(m+n) / mn"
+    )
+    return "\n".join(lines)
+
+
+# -- loggers ---------------------------------------------------------------------------------
+class DiagnosticsLogger:
+    """Receives a :class:`ModelDiagnostics` every ``log_every`` steps."""
+
+    def log(self, snap: ModelDiagnostics) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush and release resources."""
+
+
+def _layer_scalars(lay: LayerDiagnostics) -> dict[str, float]:
+    skip = ("name", "shape", "step", "backend")
+    return {f.name: float(getattr(lay, f.name)) for f in fields(lay) if f.name not in skip}
+
+
+def _model_scalars(snap: ModelDiagnostics) -> dict[str, float]:
+    return {
+        "dense_params": float(snap.dense_params),
+        "factorized_params": float(snap.factorized_params),
+        "compression_ratio": snap.compression_ratio,
+        "loss": math.nan if snap.loss is None else snap.loss,
+        "objective": math.nan if snap.objective is None else snap.objective,
+        "converged": float(snap.converged),
+    }
+
+
+class CSVLogger(DiagnosticsLogger):
+    """One CSV row per matrix and logged step: ``step, layer``, the per-matrix figures, then the
+    model-level ones (repeated on every row of the step)."""
+
+    LAYER_COLUMNS = tuple(
+        f.name for f in fields(LayerDiagnostics) if f.name not in ("name", "shape", "step")
+    )
+    MODEL_COLUMNS = (
+        "dense_params",
+        "factorized_params",
+        "compression_ratio",
+        "loss",
+        "objective",
+        "model_converged",
+    )
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = self.path.open("w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(("step", "layer", *self.LAYER_COLUMNS, *self.MODEL_COLUMNS))
+
+    def log(self, snap: ModelDiagnostics) -> None:
+        model = _model_scalars(snap)
+        model["model_converged"] = model.pop("converged")
+        tail = [model[c] for c in self.MODEL_COLUMNS]
+        for lay in snap.layers:
+            self._writer.writerow(
+                [snap.step, lay.name, *(getattr(lay, c) for c in self.LAYER_COLUMNS), *tail]
+            )
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class JSONLinesLogger(DiagnosticsLogger):
+    """One JSON object per logged step: :meth:`ModelDiagnostics.to_dict` (NaN written as
+    ``null``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = self.path.open("w")
+
+    def log(self, snap: ModelDiagnostics) -> None:
+        self._file.write(json.dumps(_nan_to_none(snap.to_dict())) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+class TensorBoardLogger(DiagnosticsLogger):
+    """Scalars ``proxrank/<matrix>/<figure>`` and ``proxrank/model/<figure>`` through
+    :class:`torch.utils.tensorboard.SummaryWriter` (needs the ``tensorboard`` package).
+
+    ``log_dir_or_writer``: a directory, or a ``SummaryWriter`` you already use (not closed by
+    :meth:`close`)."""
+
+    def __init__(self, log_dir_or_writer: Any) -> None:
+        if isinstance(log_dir_or_writer, str | Path):
+            tb = _optional("torch.utils.tensorboard", "TensorBoardLogger", "tensorboard")
+            self.writer = tb.SummaryWriter(str(log_dir_or_writer))
+            self._owns = True
+        elif hasattr(log_dir_or_writer, "add_scalar"):
+            self.writer, self._owns = log_dir_or_writer, False
+        else:
+            raise TypeError(
+                "TensorBoardLogger needs a log directory or a SummaryWriter, got "
+                f"{type(log_dir_or_writer).__name__}"
+            )
+
+    def log(self, snap: ModelDiagnostics) -> None:
+        for lay in snap.layers:
+            for key, value in _layer_scalars(lay).items():
+                self.writer.add_scalar(f"proxrank/{lay.name}/{key}", value, snap.step)
+        for key, value in _model_scalars(snap).items():
+            self.writer.add_scalar(f"proxrank/model/{key}", value, snap.step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._owns:
+            self.writer.close()

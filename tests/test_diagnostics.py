@@ -1,0 +1,522 @@
+"""Convergence diagnostics: every figure against an independent float64 numpy computation,
+the verdict on a convex problem with a closed-form answer, bounded history, loggers, plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import proxrank
+from proxrank.backends import Backend, SVDResult
+from proxrank.diagnostics import History
+
+
+# -- a problem with a closed form: f(W) = 0.5 ||W - Y||_F^2 --------------------------------------
+def quadratic(Y: torch.Tensor, W0: torch.Tensor, lr: float, lam: float, **kw):
+    """SGD + prox on f(W) = 0.5||W - Y||^2; minimiser svt(Y, lam)."""
+    w = torch.nn.Parameter(W0.clone())
+    opt = proxrank.ProxRank(torch.optim.SGD([w], lr=lr), [("w", w)], lam=lam, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (w - Y).square().sum()
+        loss.backward()
+        return loss
+
+    return w, opt, closure
+
+
+def np_prox(W: np.ndarray, tau: float, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference prox in float64 numpy: (X, s, s_new)."""
+    U, s, Vt = np.linalg.svd(W, full_matrices=False)
+    s_new = np.maximum(s - tau, 0) if kind == "soft" else np.where(s > np.sqrt(2 * tau), s, 0)
+    return (U * s_new) @ Vt, s, s_new
+
+
+def np_erank(s: np.ndarray) -> float:
+    if s.sum() == 0:
+        return 0.0
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    m=st.integers(2, 7),
+    n=st.integers(2, 7),
+    lam=st.floats(0.05, 3.0),
+    lr=st.floats(0.1, 1.0),
+    kind=st.sampled_from(["soft", "hard"]),
+    seed=st.integers(0, 2**16),
+)
+def test_every_figure_matches_numpy(m, n, lam, lr, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randn(m, n, generator=g, dtype=torch.float64) * 2
+    W0 = torch.randn(m, n, generator=g, dtype=torch.float64)
+    w, opt, closure = quadratic(Y, W0, lr, lam, prox=kind, diagnostics=True)
+    tau = lam * lr
+    Yn, W = Y.numpy(), W0.numpy()
+    prev, prev_reg, ranks = None, None, []
+    for _ in range(3):
+        loss = 0.5 * ((W - Yn) ** 2).sum()
+        W_in = W - lr * (W - Yn)
+        X, _, s_new = np_prox(W_in, tau, kind)
+        opt.step(closure)
+        snap = opt.diagnostics()
+        (lay,) = snap.layers
+        rank = int((s_new > 0).sum())
+        ranks.append(rank)
+        assert lay.name == "w" and lay.shape == (m, n)
+        assert lay.rank == rank
+        assert lay.tau == pytest.approx(tau)
+        assert lay.effective_rank == pytest.approx(np_erank(s_new), rel=1e-9, abs=1e-12)
+        assert lay.nuclear_norm == pytest.approx(s_new.sum(), rel=1e-9, abs=1e-12)
+        removed = 1 - (s_new**2).sum() / (W_in**2).sum()
+        assert lay.energy_removed == pytest.approx(removed, rel=1e-9, abs=1e-12)
+        assert lay.prox_residual == pytest.approx(np.linalg.norm(X - W_in), rel=1e-9, abs=1e-12)
+        if prev is None:
+            assert math.isnan(lay.grad_mapping_norm) and math.isnan(lay.relative_step)
+        else:
+            step = np.linalg.norm(X - prev)
+            assert lay.grad_mapping_norm == pytest.approx(step / lr, rel=1e-7, abs=1e-12)
+            scale = max(np.linalg.norm(X), np.linalg.norm(prev))
+            expected_rel = step / scale if scale > 0 else 0.0
+            assert lay.relative_step == pytest.approx(expected_rel, rel=1e-7, abs=1e-12)
+        since = 0
+        while since + 1 < len(ranks) and ranks[-since - 2] == ranks[-1]:
+            since += 1
+        assert lay.steps_since_rank_change == since
+        assert lay.factorized_params == rank * (m + n) and lay.dense_params == m * n
+        assert (lay.backend, lay.error_bound) == ("exact", 0.0)
+        assert snap.dense_params == m * n
+        assert snap.factorized_params == min(m * n, rank * (m + n))
+        f_params = min(m * n, rank * (m + n))
+        assert snap.compression_ratio == (m * n / f_params if f_params else math.inf)
+        assert snap.loss == pytest.approx(loss)
+        if prev_reg is None:
+            assert snap.objective is None
+        else:
+            assert snap.objective == pytest.approx(loss + prev_reg, rel=1e-9)
+        prev_reg = lam * (s_new.sum() if kind == "soft" else rank)
+        prev, W = X, X
+    np.testing.assert_allclose(w.detach().numpy(), W, atol=1e-10)
+
+
+def test_conv_weight_is_diagnosed_as_its_matrix():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3)
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(conv.parameters(), lr=0.1), conv, lam=1.0, diagnostics=True
+    )
+    conv(torch.randn(2, 3, 6, 6)).sum().backward()
+    W_in = (conv.weight - 0.1 * conv.weight.grad).detach().reshape(8, 27).double().numpy()
+    opt.step()
+    (lay,) = opt.diagnostics().layers
+    _, _, s_new = np_prox(W_in, 0.1, "soft")
+    assert lay.shape == (8, 27) and lay.rank == int((s_new > 0).sum())
+    assert lay.nuclear_norm == pytest.approx(s_new.sum(), rel=1e-4)
+    # conv bias stays dense: 8 parameters beside the 216 of the kernel
+    assert opt.diagnostics().dense_params == 8 * 27 + 8
+
+
+# -- the verdict ---------------------------------------------------------------------------------
+def test_converges_on_convex_problem_with_closed_form():
+    g = torch.Generator().manual_seed(1)
+    Y = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    lam, lr = 0.8, 0.5
+    rule = proxrank.ConvergenceRule(patience=20, tol=1e-9)
+    w, opt, closure = quadratic(
+        Y,
+        torch.zeros(12, 9, dtype=torch.float64),
+        lr,
+        lam,
+        diagnostics=proxrank.Diagnostics(rule=rule),
+    )
+    opt.step(closure)
+    assert not opt.diagnostics().converged
+    for _ in range(10):
+        opt.step(closure)
+    assert not opt.diagnostics().converged  # still moving: linear rate (1 - lr) per step
+    for _ in range(150):
+        opt.step(closure)
+    snap = opt.diagnostics()
+    (lay,) = snap.layers
+    W_star = proxrank.functional.svt(Y, lam)
+    torch.testing.assert_close(w.detach(), W_star, atol=1e-12, rtol=0)
+    assert lay.grad_mapping_norm < 1e-12  # the stationarity measure goes to zero
+    # the prox residual goes to lr ||grad f(W*)|| = lr ||W* - Y||, not to zero
+    assert lay.prox_residual == pytest.approx(lr * float(torch.linalg.norm(W_star - Y)))
+    assert lay.rank == int(torch.linalg.matrix_rank(W_star))
+    assert lay.converged and snap.converged
+    # objective: F(W*) = f(W*) + lam ||W*||_*
+    F_star = 0.5 * float((W_star - Y).square().sum()) + lam * float(
+        torch.linalg.svdvals(W_star).sum()
+    )
+    assert snap.objective == pytest.approx(F_star, rel=1e-10)
+
+
+def test_gradient_mapping_decreases_monotonically_on_convex_problem():
+    g = torch.Generator().manual_seed(2)
+    Y = torch.randn(10, 10, generator=g, dtype=torch.float64)
+    _, opt, closure = quadratic(
+        Y, torch.zeros(10, 10, dtype=torch.float64), 0.3, 0.5, diagnostics=True
+    )
+    for _ in range(40):
+        opt.step(closure)
+    traj = opt.tracker.trajectories()["w"]["grad_mapping_norm"][1:]
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(traj))
+    objective = opt.tracker.trajectories()["model"]["objective"][1:]
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(objective))
+
+
+def test_stays_unconverged_on_a_noisy_run():
+    torch.manual_seed(0)
+    Y = torch.randn(8, 6, dtype=torch.float64)
+    rule = proxrank.ConvergenceRule(patience=10, tol=1e-3)
+    w = torch.nn.Parameter(torch.zeros(8, 6, dtype=torch.float64))
+    opt = proxrank.ProxRank(
+        torch.optim.SGD([w], lr=0.1),
+        [("w", w)],
+        lam=0.3,
+        diagnostics=proxrank.Diagnostics(rule=rule),
+    )
+    for _ in range(300):
+        opt.zero_grad()
+        noisy = Y + 0.5 * torch.randn_like(Y)  # a stochastic gradient: never settles
+        (0.5 * (w - noisy).square().sum()).backward()
+        opt.step()
+        assert not opt.diagnostics().converged
+    assert opt.diagnostics().layers[0].relative_step > rule.tol
+
+
+def test_rank_change_resets_the_counter():
+    g = torch.Generator().manual_seed(3)
+    Y = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    rule = proxrank.ConvergenceRule(patience=5, tol=1.0)  # rank is the only criterion here
+    _, opt, closure = quadratic(
+        Y,
+        torch.zeros(6, 6, dtype=torch.float64),
+        1.0,
+        0.1,
+        diagnostics=proxrank.Diagnostics(rule=rule),
+    )
+    for _ in range(7):
+        opt.step(closure)
+    assert opt.diagnostics().layers[0].steps_since_rank_change == 6
+    assert opt.diagnostics().converged
+    for group in opt.param_groups:
+        group["lam"] = 100.0  # kills every singular value: the rank changes
+    opt.step(closure)
+    lay = opt.diagnostics().layers[0]
+    assert lay.rank == 0 and lay.steps_since_rank_change == 0 and not lay.converged
+
+
+# -- backends that report partial spectra ----------------------------------------------------------
+class TopKBackend(Backend):
+    """Returns only the triplets above the cutoff and reports itself in the matrix state."""
+
+    name = "topk"
+
+    def svd(self, Y, cutoff, state, min_rank=0):
+        U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+        k = max(int((S > cutoff).sum()), min_rank, 1)
+        state["backend"], state["error_bound"] = "topk-test", 0.25
+        return SVDResult(U[:, :k], S[:k], Vh[:k], torch.zeros((), dtype=Y.dtype))
+
+
+def test_partial_backend_state_and_full_spectrum_on_request():
+    g = torch.Generator().manual_seed(4)
+    Y = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    diag = proxrank.Diagnostics(full_spectrum_every=2)
+    _, opt, closure = quadratic(
+        Y, torch.zeros(9, 7, dtype=torch.float64), 1.0, 1.0, backend=TopKBackend(), diagnostics=diag
+    )
+    opt.step(closure)  # step 0: full spectrum computed
+    lay = opt.diagnostics().layers[0]
+    assert (lay.backend, lay.error_bound) == ("topk-test", 0.25)
+    s = np.linalg.svd(Y.numpy(), compute_uv=False)
+    s_new = np.maximum(s - 1.0, 0)
+    assert lay.effective_rank == pytest.approx(np_erank(s_new), rel=1e-9)
+    before, _ = diag.spectra()["w"]
+    np.testing.assert_allclose(before, s, rtol=1e-10)
+    opt.step(closure)  # step 1: only what the backend returned
+    before, _ = diag.spectra()["w"]
+    assert len(before) == lay.rank < 7
+
+
+# -- history ---------------------------------------------------------------------------------------
+def test_history_memory_is_bounded_over_1e5_steps():
+    h = History(capacity=100)
+    for step in range(100_000):
+        if h.wants():
+            h.offer(step, step)
+        else:
+            h.offer(step)
+        assert len(h) < 100
+    steps = [s for s, _ in h.items()]
+    assert [item for _, item in h.items()] == steps
+    assert steps[0] == 0 and steps[-1] >= 100_000 - h.stride
+    gaps = set(np.diff(steps).tolist())
+    assert gaps == {h.stride}  # evenly spaced over the whole run
+    assert h.stride <= 2 * 100_000 / 100
+
+
+@settings(max_examples=20, deadline=None)
+@given(capacity=st.integers(2, 40), n=st.integers(0, 3000))
+def test_history_is_bounded_and_evenly_spaced(capacity, n):
+    h = History(capacity)
+    for step in range(n):
+        h.offer(step, step if h.wants() else None)
+    steps = [s for s, _ in h.items()]
+    assert len(h) < capacity and [item for _, item in h.items()] == steps
+    assert steps == list(range(0, n, h.stride))[: len(steps)]
+    if n:
+        assert steps[-1] > n - 1 - h.stride  # the most recent stride is covered
+
+
+def test_objective_needs_a_known_regularizer_and_a_loss():
+    class Shrink(proxrank.ProxMap):  # a thresholding map with no R known to diagnostics
+        name = "shrink"
+
+        def cutoff(self, tau):
+            return tau
+
+        def __call__(self, s, tau):
+            return torch.where(s > tau, 0.5 * s, torch.zeros_like(s))
+
+    Y = torch.eye(3, dtype=torch.float64)
+    _, opt, closure = quadratic(Y, Y, 0.5, 0.1, prox=Shrink(), diagnostics=True)
+    for _ in range(2):
+        opt.step(closure)
+    snap = opt.diagnostics()
+    assert snap.loss is not None and snap.objective is None
+    assert "objective -" in opt.report()
+    opt.zero_grad()
+    (0.5 * (opt.targets[0].param - Y).square().sum()).backward()
+    opt.step()  # no closure: no loss, no objective
+    assert opt.diagnostics().loss is None and opt.diagnostics().objective is None
+
+
+def test_tracker_history_is_bounded_and_state_roundtrips():
+    g = torch.Generator().manual_seed(5)
+    Y = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    _, opt, closure = quadratic(
+        Y,
+        torch.zeros(5, 4, dtype=torch.float64),
+        0.5,
+        0.2,
+        diagnostics=proxrank.Diagnostics(history=8),
+    )
+    for _ in range(50):
+        opt.step(closure)
+    assert len(opt.tracker.history) < 8
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    sd = torch.load(buffer, weights_only=True)  # plain tensors, numbers and strings only
+    before = opt.diagnostics()
+    _, opt2, _ = quadratic(
+        Y,
+        torch.zeros(5, 4, dtype=torch.float64),
+        0.5,
+        0.2,
+        diagnostics=proxrank.Diagnostics(history=8),
+    )
+    opt2.load_state_dict(sd)
+    after = opt2.diagnostics()
+    assert after.layers == before.layers and after.step == before.step
+    np.testing.assert_equal(opt2.tracker.trajectories(), opt.tracker.trajectories())
+
+
+def test_bad_diagnostics_state_changes_nothing():
+    Y = torch.eye(3, dtype=torch.float64)
+    _, opt, closure = quadratic(Y, 2 * Y, 0.5, 0.1, diagnostics=True)
+    opt.step(closure)
+    good = opt.state_dict()
+    opt.step(closure)
+    before_state, before_diag = opt.state_dict(), opt.diagnostics()
+    assert before_diag.step == 2
+    for corrupt in (
+        {**good["proxrank"]["diagnostics"], "history": {}},
+        {**good["proxrank"]["diagnostics"], "layers": {"other.weight": {}}},
+    ):
+        groups = [{**g, "lr": 0.123} for g in good["param_groups"]]
+        bad = {
+            **good,
+            "param_groups": groups,
+            "proxrank": {**good["proxrank"], "diagnostics": corrupt},
+        }
+        with pytest.raises(ValueError, match=r"malformed|does not select"):
+            opt.load_state_dict(bad)
+        assert opt.diagnostics() == before_diag and opt.step_count == 2
+        assert opt.param_groups[0]["lr"] == 0.5  # the base optimizer was not loaded either
+    opt.load_state_dict(good)
+    assert opt.diagnostics().step == 1
+    # a plain base state dict leaves the diagnostics alone
+    opt.load_state_dict({k: v for k, v in before_state.items() if k != "proxrank"})
+    assert opt.diagnostics().step == 1
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+def mlp_run(tmp_path, steps=6, **diag_kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    diag = proxrank.Diagnostics(**diag_kw)
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.5, diagnostics=diag
+    )
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    snaps = []
+    for _ in range(steps):
+
+        def closure():
+            opt.zero_grad()
+            loss = (model(x) - y).square().mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        snaps.append(opt.diagnostics())
+    diag.close()
+    return opt, snaps
+
+
+def test_csv_and_jsonl_read_back(tmp_path):
+    loggers = [proxrank.CSVLogger(tmp_path / "d.csv"), proxrank.JSONLinesLogger(tmp_path / "d.jl")]
+    _, snaps = mlp_run(tmp_path, loggers=loggers, log_every=2)
+    logged = [s for s in snaps if s.step % 2 == 0]
+    with open(tmp_path / "d.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(logged)
+    for row, (snap, lay) in zip(rows, [(s, lay) for s in logged for lay in s.layers], strict=True):
+        assert int(row["step"]) == snap.step and row["layer"] == lay.name
+        assert int(row["rank"]) == lay.rank
+        assert float(row["nuclear_norm"]) == pytest.approx(lay.nuclear_norm)
+        assert float(row["compression_ratio"]) == pytest.approx(snap.compression_ratio)
+        assert float(row["loss"]) == pytest.approx(snap.loss)
+    lines = (tmp_path / "d.jl").read_text().splitlines()
+    assert len(lines) == len(logged)
+    for line, snap in zip(lines, logged, strict=True):
+        obj = json.loads(line)
+        assert obj["step"] == snap.step and obj["converged"] == snap.converged
+        assert [lay["rank"] for lay in obj["layers"]] == [lay.rank for lay in snap.layers]
+        assert obj["objective"] == pytest.approx(snap.objective)
+
+
+def test_tensorboard_reads_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, snaps = mlp_run(tmp_path, loggers=[proxrank.TensorBoardLogger(tmp_path / "tb")])
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    ranks = acc.Scalars("proxrank/0.weight/rank")
+    assert [e.step for e in ranks] == [s.step for s in snaps]
+    assert [e.value for e in ranks] == [s.layers[0].rank for s in snaps]
+    ratio = acc.Scalars("proxrank/model/compression_ratio")
+    assert ratio[-1].value == pytest.approx(snaps[-1].compression_ratio, rel=1e-6)
+
+
+def test_report_lists_every_layer(tmp_path):
+    opt, snaps = mlp_run(tmp_path)
+    text = opt.report()
+    lines = text.splitlines()
+    assert "converged: no" in lines[0]
+    for lay in snaps[-1].layers:
+        (line,) = [ln for ln in lines if ln.startswith(lay.name + " ")]
+        assert f" {lay.rank} " in line and f"{lay.shape[0]}x{lay.shape[1]}" in line
+    assert f"{snaps[-1].dense_params} dense" in lines[-2]
+
+
+def test_plot_is_written(tmp_path):
+    opt, _ = mlp_run(tmp_path)
+    path = opt.tracker.plot(tmp_path / "diag.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no recorded diagnostics"):
+        opt.tracker.plot(tmp_path / "x.png", layers=["nope"])
+
+
+def test_half_precision_weights(tmp_path):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5).to(torch.bfloat16)
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=0.5, diagnostics=True
+    )
+    outputs = []
+    for _ in range(2):
+        opt.zero_grad()
+        lin(torch.randn(4, 6, dtype=torch.bfloat16)).sum().backward()
+        opt.step()
+        outputs.append(lin.weight.detach().double().clone())
+    lay = opt.diagnostics().layers[0]
+    step = float(torch.linalg.norm(outputs[1] - outputs[0]))
+    assert lay.grad_mapping_norm == pytest.approx(step / 0.1, rel=1e-5, abs=1e-6)
+
+
+def test_realised_step_when_the_prox_returns_its_input(monkeypatch):
+    """A prox whose output aliases the weight (here: the identity) must not make the kept
+    previous weight follow the parameter."""
+    import proxrank.optimizer as optimizer_module
+    from proxrank.functional import ProxResult
+
+    def identity_prox(Y, tau, prox=None, backend=None, state=None):
+        S = torch.linalg.svdvals(Y)
+        return ProxResult(Y, SVDResult(None, S, None, torch.zeros(())), S)
+
+    monkeypatch.setattr(optimizer_module, "prox_step", identity_prox)
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    opt = proxrank.ProxRank(torch.optim.SGD([w], lr=0.5), [("w", w)], lam=1.0, diagnostics=True)
+    for _ in range(2):
+        w.grad = torch.ones(3, 2)
+        opt.step()
+    assert opt.diagnostics().layers[0].grad_mapping_norm == pytest.approx(math.sqrt(6))
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def test_errors():
+    lin = torch.nn.Linear(3, 3)
+    opt = proxrank.ProxRank(torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=0.1)
+    with pytest.raises(ValueError, match="diagnostics=True"):
+        opt.diagnostics()
+    with pytest.raises(ValueError, match="diagnostics=True"):
+        opt.report()
+    with pytest.raises(TypeError, match="diagnostics must be"):
+        proxrank.ProxRank(
+            torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=0.1, diagnostics="yes"
+        )
+    diag = proxrank.Diagnostics()
+    proxrank.ProxRank(torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=0.1, diagnostics=diag)
+    keep = proxrank.ProxRank(torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=0.1)
+    diag2 = proxrank.Diagnostics()
+    owner = proxrank.ProxRank(keep.optimizer, lin, lam=0.1, diagnostics=diag2)
+    with pytest.raises(ValueError, match="already tracks another"):
+        diag2.bind(keep)
+    diag2.bind(owner)  # binding to its own optimizer again is fine
+    with pytest.raises(RuntimeError, match="not attached"):
+        proxrank.Diagnostics().snapshot()
+    for kw, exc in [
+        ({"patience": 0}, ValueError),
+        ({"patience": 1.5}, TypeError),
+        ({"tol": -1.0}, ValueError),
+        ({"tol": float("nan")}, ValueError),
+        ({"tol": "x"}, TypeError),
+    ]:
+        with pytest.raises(exc, match="ConvergenceRule"):
+            proxrank.ConvergenceRule(**kw)
+    for kw in [{"history": 1}, {"log_every": 0}, {"full_spectrum_every": -1}]:
+        with pytest.raises(ValueError, match=next(iter(kw)).split("_")[0]):
+            proxrank.Diagnostics(**kw)
+    with pytest.raises(TypeError, match="rule must be a ConvergenceRule"):
+        proxrank.Diagnostics(rule=100)
+    with pytest.raises(TypeError, match="loggers"):
+        proxrank.Diagnostics(loggers=[print])
+    with pytest.raises(TypeError, match="SummaryWriter"):
+        proxrank.TensorBoardLogger(3)
