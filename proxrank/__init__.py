@@ -9,6 +9,7 @@ that pushes each weight matrix toward low rank (singular value thresholding)::
 
 from . import functional
 from .backends import Backend, ExactBackend, SVDResult
+from .factorize import Factorized, FactorizeSummary, LayerSummary, factorize
 from .optimizer import ProxRank
 from .prox import HardThreshold, ProxMap, SoftThreshold
 from .selection import DEFAULT_MODULE_TYPES, Target, select_targets
@@ -19,13 +20,17 @@ __all__ = [
     "DEFAULT_MODULE_TYPES",
     "Backend",
     "ExactBackend",
+    "FactorizeSummary",
+    "Factorized",
     "HardThreshold",
+    "LayerSummary",
     "ProxMap",
     "ProxRank",
     "SVDResult",
     "SoftThreshold",
     "Target",
     "__version__",
+    "factorize",
     "functional",
     "select_targets",
 ]
