@@ -347,9 +347,9 @@ def factorize(
         include, exclude: which weights, as in :class:`proxrank.ProxRank`.
         inplace: change ``model`` itself instead of a deep copy.
         rtol: relative rank tolerance; default ``min(eps(dtype) * sqrt(max(m, n)), 1e-2)``
-            for the weight's dtype and matrix shape (see :func:`default_rtol`). Pass a larger value (e.g. ``1e-3``)
-            to also truncate small but non-zero singular values (then the factorized model
-            equals the *truncated* dense model).
+            for the weight's dtype and matrix shape (see :func:`default_rtol`). A larger value
+            (e.g. ``1e-3``) also truncates small non-zero singular values: the factorized model
+            then equals the *truncated* dense model.
         atol: absolute rank tolerance (default 0).
         min_saving: keep a layer dense unless it saves at least this fraction (in ``[0, 1)``) of
             its weight's parameters.
