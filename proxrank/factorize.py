@@ -42,7 +42,14 @@ from torch import Tensor, nn
 
 from .selection import Selector, select_targets
 
-__all__ = ["FactorizeSummary", "Factorized", "LayerSummary", "default_rtol", "factorize"]
+__all__ = [
+    "FactorizeSummary",
+    "Factorized",
+    "LayerSummary",
+    "default_rtol",
+    "factorize",
+    "numerical_rank",
+]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SPLITS = ("kernel-first", "pointwise-first")
@@ -196,6 +203,11 @@ def default_rtol(m: int, n: int, dtype: torch.dtype) -> float:
     return min(torch.finfo(dtype).eps * math.sqrt(max(m, n)), 1e-2)
 
 
+def numerical_rank(S: Tensor, rtol: float, atol: float = 0.0) -> int:
+    """The number of singular values ``S`` (descending) above ``max(atol, rtol * S[0])``."""
+    return int((S > max(atol, rtol * float(S[0]))).sum()) if S.numel() else 0
+
+
 def _plan(module: nn.Module, split: str, rtol: float | None, atol: float) -> _Plan:
     """SVD of every group's block; rank = most singular values above the tolerance
     ``max(atol, rtol * s_max)`` in a block (at least 1: layers cannot have zero channels)."""
@@ -204,7 +216,7 @@ def _plan(module: nn.Module, split: str, rtol: float | None, atol: float) -> _Pl
     m, n = blocks[0].shape
     rel = default_rtol(m, n, module.weight.dtype) if rtol is None else rtol
     svds = [torch.linalg.svd(M, full_matrices=False) for M in blocks]
-    ranks = [int((max(atol, rel * float(S[0])) < S).sum()) for _, S, _ in svds]
+    ranks = [numerical_rank(S, rel, atol) for _, S, _ in svds]
     rank = max(max(ranks), 1)
     factors = []
     for (U, S, Vh), r_j in zip(svds, ranks, strict=True):
