@@ -44,9 +44,7 @@ class Backend(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def svd(
-        self, Y: Tensor, cutoff: Tensor, state: dict[str, Any], min_rank: int = 0
-    ) -> SVDResult:
+    def svd(self, Y: Tensor, cutoff: Tensor, state: dict[str, Any], min_rank: int = 0) -> SVDResult:
         """Triplets of ``Y`` (``(..., m, n)``, float32 or float64): every one with
         ``s > cutoff`` and at least the ``min_rank`` largest (a rank target needs them)."""
 
@@ -59,9 +57,7 @@ class ExactBackend(Backend):
 
     name = "exact"
 
-    def svd(
-        self, Y: Tensor, cutoff: Tensor, state: dict[str, Any], min_rank: int = 0
-    ) -> SVDResult:
+    def svd(self, Y: Tensor, cutoff: Tensor, state: dict[str, Any], min_rank: int = 0) -> SVDResult:
         U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
         return SVDResult(U, S, Vh, torch.zeros(Y.shape[:-2], dtype=Y.dtype, device=Y.device))
 

@@ -280,8 +280,8 @@ def _positions(module: nn.Module, x: Tensor, y: Tensor) -> tuple[int, int]:
 def _record_positions(
     model: nn.Module, modules: list[nn.Module], example_inputs: Any
 ) -> dict[int, tuple[int, int]]:
-    """Run ``model(*example_inputs)`` once and count each module's positions (summed over
-    calls)."""
+    """Run ``model(*example_inputs)`` once in eval mode and count each module's positions
+    (summed over calls)."""
     counts: dict[int, tuple[int, int]] = {}
 
     def hook(mod: nn.Module, args: tuple, output: Tensor) -> None:
@@ -291,12 +291,16 @@ def _record_positions(
 
     handles = [m.register_forward_hook(hook) for m in {id(m): m for m in modules}.values()]
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # no batch-norm statistics update, no dropout
     try:
         with torch.no_grad():
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
+        for m, mode in modes:
+            m.training = mode
     return counts
 
 

@@ -279,6 +279,10 @@ def test_summary_table_json_and_macs_match_flop_counter():
         with FlopCounterMode(display=False) as counter:
             net(x)
         assert counter.get_total_flops() == 2 * summary.totals("macs")[key == "after"]
+    bn = nn.Sequential(nn.BatchNorm2d(4), model[0]).train()
+    _, bn_summary = factorize(bn, example_inputs=x, inplace=True)
+    assert bn.training and bn[0].training and torch.equal(bn[0].running_mean, torch.zeros(4))
+    assert bn_summary.layers[0].macs_before == summary.layers[0].macs_before
     text = str(summary)
     assert "pointwise-first" in text and f"{summary.compression:.2f}x smaller" in text
     data = json.loads(json.dumps(summary.to_dict()))
