@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,6 @@ QUICK = {"epochs": 3, "finetune_epochs": 1}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's command-line options, in groups that other features extend."""
     train = parser.add_argument_group("training")
-    train.add_argument(
-        "--model", choices=sorted(MODELS), default="cnn", help="network (%(default)s)"
-    )
     train.add_argument("--epochs", type=int, default=30, help="training epochs (%(default)s)")
     train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (%(default)s)")
     train.add_argument("--batch-size", type=int, default=64, help="batch size (%(default)s)")
@@ -55,7 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reg.add_argument(
         "--lam", type=float, default=1.0, help="ProxRank strength lam, tau = lam * lr (%(default)s)"
     )
-    reg.add_argument("--prox", choices=("soft", "hard"), default="soft", help="(%(default)s)")
+    reg.add_argument(
+        "--prox",
+        choices=("soft", "hard"),
+        default="soft",
+        help="soft: nuclear norm (shrinks the kept singular values); hard: rank penalty "
+        "(keeps them) (%(default)s)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out", type=Path, default=Path("demo-report"), help="report folder (%(default)s)"
@@ -86,7 +88,8 @@ def load_digits_split(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return images(Xtr), torch.tensor(ytr), images(Xte), torch.tensor(yte)
 
 
-def _cnn() -> nn.Module:
+def build_cnn() -> nn.Module:
+    """The demo network: two 3x3 convolutions, max-pooling, two linear layers (71,754 weights)."""
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
         nn.ReLU(),
@@ -98,20 +101,6 @@ def _cnn() -> nn.Module:
         nn.ReLU(),
         nn.Linear(128, 10),
     )
-
-
-def _mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(64, 512),
-        nn.ReLU(),
-        nn.Linear(512, 512),
-        nn.ReLU(),
-        nn.Linear(512, 10),
-    )
-
-
-MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": _cnn, "mlp": _mlp}
 
 
 # -- training ----------------------------------------------------------------------------
@@ -274,11 +263,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter()
     torch.manual_seed(args.seed)
     Xtr, ytr, Xte, yte = load_digits_split(args.seed)
-    build = MODELS[args.model]
     batches = -(-len(Xtr) // args.batch_size)
 
-    dense = build()
-    low = build()
+    dense = build_cnn()
+    low = build_cnn()
     low.load_state_dict(dense.state_dict())  # same initialisation for both runs
     t_dense = train(dense, (Xtr, ytr), args.epochs, args, "dense AdamW")
     names = [n for n, m in low.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]

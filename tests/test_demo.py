@@ -53,7 +53,7 @@ def test_demo_quick_writes_its_report(tmp_path, capsys):
 def test_help_lists_the_options():
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     text = demo.format_help()
-    for option in ("--lam", "--epochs", "--out", "--seed", "--quick", "--prox", "--model"):
+    for option in ("--lam", "--epochs", "--out", "--seed", "--quick", "--prox"):
         assert option in text
 
 
