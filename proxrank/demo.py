@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="epochs of plain AdamW on the factorized model (%(default)s; 0: none)",
     )
+    train.add_argument(
+        "--finetune-lr", type=float, default=3e-4, help="fine-tuning learning rate (%(default)s)"
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
     reg = parser.add_argument_group("regularizer")
     reg.add_argument(
@@ -146,6 +149,7 @@ def train(
     model: nn.Module,
     data: tuple[Tensor, Tensor],
     epochs: int,
+    lr: float,
     args: argparse.Namespace,
     desc: str,
     lam: float | None = None,
@@ -153,7 +157,7 @@ def train(
 ) -> float:
     """AdamW (wrapped in ProxRank when ``lam`` is given) with cross-entropy; returns seconds."""
     X, y = data
-    opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     if lam is not None:
         opt = ProxRank(opt, model, lam=lam, prox=args.prox)
     from tqdm.auto import tqdm
@@ -260,6 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
     if args.lam < 0 or args.finetune_epochs < 0:
         raise ValueError("--lam and --finetune-epochs must be >= 0")
+    if not (args.lr > 0 and args.finetune_lr > 0):
+        raise ValueError("--lr and --finetune-lr must be > 0")
     wall = time.perf_counter()
     torch.manual_seed(args.seed)
     Xtr, ytr, Xte, yte = load_digits_split(args.seed)
@@ -268,11 +274,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dense = build_cnn()
     low = build_cnn()
     low.load_state_dict(dense.state_dict())  # same initialisation for both runs
-    t_dense = train(dense, (Xtr, ytr), args.epochs, args, "dense AdamW")
+    t_dense = train(dense, (Xtr, ytr), args.epochs, args.lr, args, "dense AdamW")
     names = [n for n, m in low.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     params = [low.get_submodule(n).weight for n in names]
     rec = Recorder(names, params)
-    t_low = train(low, (Xtr, ytr), args.epochs, args, "ProxRank(AdamW)", args.lam, rec)
+    t_low = train(low, (Xtr, ytr), args.epochs, args.lr, args, "ProxRank(AdamW)", args.lam, rec)
 
     example = Xte[:1]
     _, dense_summary = factorize(dense, example_inputs=example)  # its 'before' columns
@@ -280,7 +286,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     acc_small = accuracy(small, Xte, yte)
     t_tune = 0.0
     if args.finetune_epochs:
-        t_tune = train(small, (Xtr, ytr), args.finetune_epochs, args, "fine-tune factors")
+        t_tune = train(
+            small, (Xtr, ytr), args.finetune_epochs, args.finetune_lr, args, "fine-tune factors"
+        )
 
     def column(s: FactorizeSummary, acc: float, seconds: float, factor: bool) -> dict[str, Any]:
         ranks = {lay.name.removesuffix(".weight"): lay.rank for lay in s.layers}

@@ -63,6 +63,7 @@ def test_help_lists_the_options():
         (["--epochs", "0"], "--epochs"),
         (["--lam", "-1"], "--lam"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--finetune-lr", "0"], "--finetune-lr"),
     ],
 )
 def test_bad_options_raise_before_training(argv, word, tmp_path):
