@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,20 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
     return acc
 
 
+def inference_ms(model: nn.Module, X: Tensor, repeats: int = 15) -> float:
+    """Median wall time of ``model(X)`` in eval mode without autograd, in milliseconds."""
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 2):  # two warm-up calls
+            start = time.perf_counter()
+            model(X)
+            times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return 1e3 * statistics.median(times[2:])
+
+
 def train(
     model: nn.Module,
     data: tuple[Tensor, Tensor],
@@ -212,6 +227,7 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     rows.append(("parameters", *(f"{results[n]['params']:,}" for n in names)))
     rows.append(("multiply-adds / image", *(f"{results[n]['macs']:,}" for n in names)))
     rows.append(("train wall time", *(f"{results[n]['seconds']:.1f} s" for n in names)))
+    rows.append(("inference, test set", *(f"{results[n]['inference_ms']:.2f} ms" for n in names)))
     for layer in results[names[0]]["ranks"]:
         rows.append((f"rank {layer}", *(str(results[n]["ranks"][layer]) for n in names)))
     return _table(rows)
@@ -283,26 +299,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     example = Xte[:1]
     _, dense_summary = factorize(dense, example_inputs=example)  # its 'before' columns
     small, summary = factorize(low, example_inputs=example)
-    acc_small = accuracy(small, Xte, yte)
-    t_tune = 0.0
+
+    def column(s: FactorizeSummary, model: nn.Module, seconds: float, factor: bool) -> dict:
+        return {
+            "accuracy": accuracy(model, Xte, yte),
+            "params": s.model_params_after if factor else s.model_params_before,
+            "macs": s.totals("macs")[1 if factor else 0],
+            "seconds": seconds,
+            "inference_ms": inference_ms(model, Xte),
+            "ranks": {lay.name.removesuffix(".weight"): lay.rank for lay in s.layers},
+        }
+
+    results = {
+        "dense AdamW": column(dense_summary, dense, t_dense, False),
+        "ProxRank (dense)": column(summary, low, t_low, False),
+        "factorized": column(summary, small, t_low, True),
+    }
     if args.finetune_epochs:
         t_tune = train(
             small, (Xtr, ytr), args.finetune_epochs, args.finetune_lr, args, "fine-tune factors"
         )
-
-    def column(s: FactorizeSummary, acc: float, seconds: float, factor: bool) -> dict[str, Any]:
-        ranks = {lay.name.removesuffix(".weight"): lay.rank for lay in s.layers}
-        macs = s.totals("macs")[1 if factor else 0]
-        p = s.model_params_after if factor else s.model_params_before
-        return {"accuracy": acc, "params": p, "macs": macs, "seconds": seconds, "ranks": ranks}
-
-    results = {
-        "dense AdamW": column(dense_summary, accuracy(dense, Xte, yte), t_dense, False),
-        "ProxRank (dense)": column(summary, accuracy(low, Xte, yte), t_low, False),
-        "factorized": column(summary, acc_small, t_low, True),
-    }
-    if args.finetune_epochs:
-        results["+ fine-tuned"] = column(summary, accuracy(small, Xte, yte), t_low + t_tune, True)
+        results["+ fine-tuned"] = column(summary, small, t_low + t_tune, True)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
