@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--finetune-lr", type=float, default=3e-4, help="fine-tuning learning rate (%(default)s)"
     )
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (%(default)s: this network is too small to gain from more, and "
+        "busy-waiting threads slow down badly on a shared machine; 0: torch's default)",
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
     reg = parser.add_argument_group("regularizer")
     reg.add_argument(
@@ -282,6 +289,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--lam and --finetune-epochs must be >= 0")
     if not (args.lr > 0 and args.finetune_lr > 0):
         raise ValueError("--lr and --finetune-lr must be > 0")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter()
     torch.manual_seed(args.seed)
     Xtr, ytr, Xte, yte = load_digits_split(args.seed)

@@ -15,7 +15,9 @@ from proxrank.demo import QUICK, accuracy, load_digits_split
 @pytest.mark.slow
 def test_demo_quick_writes_its_report(tmp_path, capsys):
     out = tmp_path / "report"
+    threads = torch.get_num_threads()
     main(["demo", "--quick", "--no-progress", "--out", str(out), "--seed", "1", "--lam", "3"])
+    assert torch.get_num_threads() == threads  # the demo's --threads setting is undone
     printed = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {
         "model.pt",
@@ -64,6 +66,7 @@ def test_help_lists_the_options():
         (["--lam", "-1"], "--lam"),
         (["--batch-size", "0"], "--batch-size"),
         (["--finetune-lr", "0"], "--finetune-lr"),
+        (["--threads", "-1"], "--threads"),
     ],
 )
 def test_bad_options_raise_before_training(argv, word, tmp_path):
