@@ -153,7 +153,7 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
     return acc
 
 
-def inference_ms(model: nn.Module, X: Tensor, repeats: int = 15) -> float:
+def inference_ms(model: nn.Module, X: Tensor, repeats: int = 30) -> float:
     """Median wall time of ``model(X)`` in eval mode without autograd, in milliseconds."""
     was_training = model.training
     model.eval()
@@ -199,9 +199,11 @@ def train(
             opt.step()
             if recorder is not None:
                 recorder.step(epoch_end=i == batches - 1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", ranks=_last_ranks(recorder))
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}", ranks=_last_ranks(recorder), refresh=False
+                )
             else:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update()
     bar.close()
     return time.perf_counter() - start
