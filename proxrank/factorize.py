@@ -84,7 +84,9 @@ class LayerSummary:
 
     ``macs_*`` are multiply-adds of the layer for one forward pass over ``example_inputs``
     (or per output position when no example was given; ``None`` when the example did not
-    reach the layer). ``split`` is ``None`` for a layer left dense, and ``reason`` says why.
+    reach the layer). ``split`` is ``"linear"``, ``"kernel-first"`` or ``"pointwise-first"``,
+    or ``None`` for a layer left dense, and then ``reason`` says why. ``rank`` is ``-1`` for a
+    selected weight that cannot be factorized (not a Linear/Conv weight, or tied).
     """
 
     name: str
