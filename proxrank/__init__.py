@@ -20,6 +20,7 @@ from .diagnostics import (
     ModelDiagnostics,
     TensorBoardLogger,
 )
+from .factorize import Factorized, FactorizeSummary, LayerSummary, factorize
 from .metrics import (
     ActivationMetric,
     AdamMetric,
@@ -49,11 +50,14 @@ __all__ = [
     "Diagnostics",
     "EuclideanMetric",
     "ExactBackend",
+    "FactorizeSummary",
+    "Factorized",
     "FisherMetric",
     "HardThreshold",
     "JSONLinesLogger",
     "LayerCompression",
     "LayerDiagnostics",
+    "LayerSummary",
     "Metric",
     "ModelDiagnostics",
     "ProxMap",
@@ -69,6 +73,7 @@ __all__ = [
     "__version__",
     "allocate_ranks",
     "compress",
+    "factorize",
     "functional",
     "select_targets",
     "weighted_prox",

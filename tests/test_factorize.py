@@ -1,0 +1,366 @@
+"""proxrank.factorize: factorized layers compute the dense low-rank layer's function, cost
+r (m + n) parameters, and behave as ordinary modules (save, compile, export, train)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import proxrank
+from proxrank import Factorized, factorize
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def set_low_rank(module: nn.Module, rank: int, split: str = "kernel-first", seed: int = 0):
+    """Give ``module`` a weight of rank ``rank`` in the matrix view of ``split`` (per group),
+    built from random factors in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    W = module.weight
+    g = getattr(module, "groups", 1)
+    og, in_g, k = W.shape[0] // g, W.shape[1], tuple(W.shape[2:])
+    K = math.prod(k)
+    blocks = []
+    for _ in range(g):
+        if split == "pointwise-first":
+            A = torch.randn(og * K, rank, generator=gen, dtype=torch.float64)
+            B = torch.randn(rank, in_g, generator=gen, dtype=torch.float64)
+            blocks.append((A @ B).reshape(og, *k, in_g).movedim(-1, 1))
+        else:
+            A = torch.randn(og, rank, generator=gen, dtype=torch.float64)
+            B = torch.randn(rank, in_g * K, generator=gen, dtype=torch.float64)
+            blocks.append((A @ B).reshape(og, in_g, *k))
+    with torch.no_grad():
+        W.copy_(torch.cat(blocks) / math.sqrt(in_g * K * rank))
+    return module
+
+
+def assert_same_outputs(dense: nn.Module, fact: nn.Module, x: torch.Tensor, rtol: float):
+    with torch.no_grad():
+        ref, got = dense(x).double(), fact(x).double()
+    scale = ref.abs().max().clamp_min(1e-30)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max() / scale) <= rtol
+
+
+# -- output equality -----------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(2, 24),
+    n=st.integers(2, 24),
+    rank=st.integers(1, 6),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_linear_equals_dense_low_rank(m, n, rank, bias, dtype):
+    rank = min(rank, m, n)
+    dense = set_low_rank(nn.Linear(n, m, bias=bias, dtype=dtype), rank)
+    fact, summary = factorize(dense)
+    x = torch.randn(5, 3, n, dtype=dtype)
+    saves = rank * (m + n) < m * n
+    assert isinstance(fact, Factorized) == saves
+    assert summary.layers[0].rank == rank
+    assert_same_outputs(dense, fact, x, 1e-5 if dtype == torch.float32 else 1e-12)
+    n_bias = m if bias else 0
+    expected = rank * (m + n) + n_bias if saves else m * n + n_bias
+    assert sum(p.numel() for p in fact.parameters()) == expected
+    assert summary.model_params_after == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2]),
+    cin=st.integers(2, 8),
+    cout=st.integers(2, 12),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, 2, "same"]),
+    padding_mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    groups=st.sampled_from([1, 2]),
+    bias=st.booleans(),
+    split=st.sampled_from(["kernel-first", "pointwise-first"]),
+    rank=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_conv_equals_dense_low_rank(
+    dims, cin, cout, k, stride, dilation, padding, padding_mode, groups, bias, split, rank, dtype
+):
+    if padding == "same":
+        stride = 1  # torch refuses padding='same' with stride > 1
+    cin, cout = cin * groups, cout * groups
+    conv = CONVS[dims](
+        cin,
+        cout,
+        k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+        dtype=dtype,
+    )
+    set_low_rank(conv, rank, split)
+    fact, summary = factorize(conv)
+    x = torch.randn(2, cin, *([9] * dims), dtype=dtype)
+    assert_same_outputs(conv, fact, x, 2e-5 if dtype == torch.float32 else 1e-11)
+    row = summary.layers[0]
+    if row.factorized:
+        assert isinstance(fact, Factorized)
+        assert fact.rank <= rank
+        assert row.params_after == sum(p.numel() for p in fact.parameters())
+        assert row.params_after < row.params_before
+    else:
+        assert fact is not conv and type(fact) is type(conv)
+
+
+@pytest.mark.parametrize("split", ["kernel-first", "pointwise-first"])
+def test_conv_uses_the_cheaper_split(split):
+    conv = set_low_rank(nn.Conv2d(16, 16, 3, padding=1), 2, split)
+    fact, summary = factorize(conv)
+    assert fact.split == split and summary.layers[0].split == split
+    m, n = (16, 16 * 9) if split == "kernel-first" else (16 * 9, 16)
+    assert sum(p.numel() for p in fact.first.parameters()) + fact.second.weight.numel() == 2 * (
+        m + n
+    )
+    assert_same_outputs(conv, fact, torch.randn(2, 16, 7, 7), 1e-5)
+
+
+def test_grouped_conv_factorizes_per_group():
+    conv = set_low_rank(nn.Conv2d(8, 12, 3, padding=1, groups=4), 1)
+    fact, summary = factorize(conv)
+    # each group's block is 3 x (2 * 9) of rank 1: 4 * 1 * (3 + 18) weights instead of 12 * 18
+    assert fact.first.groups == fact.second.groups == 4
+    assert summary.layers[0].params_after == 4 * 21 + 12
+    assert_same_outputs(conv, fact, torch.randn(2, 8, 6, 6), 1e-5)
+
+
+def test_depthwise_conv_stays_dense():
+    conv = nn.Conv2d(8, 8, 3, groups=8)
+    fact, summary = factorize(nn.Sequential(conv))
+    assert fact[0].weight.shape == conv.weight.shape
+    assert not summary.layers[0].factorized and "factors would cost" in summary.layers[0].reason
+
+
+def test_conv3d():
+    conv = set_low_rank(nn.Conv3d(4, 6, 3, stride=(1, 2, 1), padding=1), 2)
+    fact, _ = factorize(conv)
+    assert isinstance(fact, Factorized)
+    assert_same_outputs(conv, fact, torch.randn(1, 4, 5, 6, 5), 1e-5)
+
+
+def test_bfloat16_loose():
+    lin = set_low_rank(nn.Linear(48, 40), 3).to(torch.bfloat16)
+    conv = set_low_rank(nn.Conv1d(40, 32, 3, padding=1), 2).to(torch.bfloat16)
+    for dense, x in ((lin, torch.randn(16, 48)), (conv, torch.randn(2, 40, 10))):
+        fact, summary = factorize(dense)
+        assert summary.layers[0].rank == (3 if dense is lin else 2)
+        assert fact.first.weight.dtype == fact.second.weight.dtype == torch.bfloat16
+        assert_same_outputs(dense, fact, x.bfloat16(), 3e-2)
+
+
+# -- tolerance and the saving rule ---------------------------------------------------------
+
+
+def test_tolerance_drops_small_singular_values():
+    torch.manual_seed(0)
+    lin = set_low_rank(nn.Linear(30, 20, dtype=torch.float64), 3)
+    with torch.no_grad():
+        lin.weight.add_(1e-9 * torch.randn_like(lin.weight))
+    _, full = factorize(lin)
+    assert full.layers[0].rank == 20 and not full.layers[0].factorized
+    fact, truncated = factorize(lin, rtol=1e-6)
+    assert truncated.layers[0].rank == 3
+    U, S, Vh = torch.linalg.svd(lin.weight.detach())
+    ref = copy.deepcopy(lin)
+    with torch.no_grad():
+        ref.weight.copy_((U[:, :3] * S[:3]) @ Vh[:3])
+    assert_same_outputs(ref, fact, torch.randn(4, 30, dtype=torch.float64), 1e-12)
+    _, absolute = factorize(lin, atol=1e-6)
+    assert absolute.layers[0].rank == 3
+
+
+def test_layer_that_would_not_save_stays_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(set_low_rank(nn.Linear(20, 20), 9), nn.Linear(20, 20))
+    fact, summary = factorize(model)
+    # rank 9: 9 * 40 = 360 < 400 saves; the random layer has full rank 20
+    assert isinstance(fact[0], Factorized) and type(fact[1]) is nn.Linear
+    assert torch.equal(fact[1].weight, model[1].weight)
+    assert summary.layers[1].rank == 20 and not summary.layers[1].factorized
+    # a 10 % saving is required: 360 weights is only 10 % below 400 -> stays dense at 0.2
+    kept, s2 = factorize(model, min_saving=0.2)
+    assert type(kept[0]) is nn.Linear and "factors would cost 360 of 400" in s2.layers[0].reason
+    ok, _ = factorize(model, min_saving=0.05)
+    assert isinstance(ok[0], Factorized)
+
+
+def test_zero_weight_becomes_rank_one_zero_factors():
+    lin = nn.Linear(16, 16)
+    nn.init.zeros_(lin.weight)
+    fact, summary = factorize(lin)
+    assert summary.layers[0].rank == 1
+    x = torch.randn(3, 16)
+    assert torch.allclose(fact(x), lin.bias.expand(3, 16))
+
+
+# -- module plumbing -----------------------------------------------------------------------
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        set_low_rank(nn.Conv2d(3, 16, 3, padding=1), 2),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Flatten(),
+        set_low_rank(nn.Linear(16 * 4 * 4, 32), 4),
+        nn.ReLU(),
+        nn.Linear(32, 5),
+    )
+
+
+def test_copy_or_inplace_and_state_carried_over():
+    model = _model().eval()
+    model[4].weight.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    fact, _ = factorize(model)
+    assert fact is not model and type(model[0]) is nn.Conv2d
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not fact.training and not fact[0].training and not fact[0].first.training
+    assert not fact[4].first.weight.requires_grad and fact[4].second.bias.requires_grad
+    assert fact[1] is not model[1] and torch.equal(fact[1].running_mean, model[1].running_mean)
+    same, _ = factorize(model, inplace=True)
+    assert same is model and isinstance(model[0], Factorized)
+
+
+def test_selection_include_exclude():
+    fact, summary = factorize(_model(), exclude=["0"])
+    assert type(fact[0]) is nn.Conv2d and isinstance(fact[4], Factorized)
+    assert [lay.name for lay in summary.layers] == ["4.weight", "6.weight"]
+
+
+def test_shared_module_replaced_everywhere_and_tied_weight_kept():
+    lin = set_low_rank(nn.Linear(12, 12), 2)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    fact, _ = factorize(model)
+    assert isinstance(fact[0], Factorized) and fact[0] is fact[2]
+    a, b = set_low_rank(nn.Linear(12, 12), 2), nn.Linear(12, 12)
+    b.weight = a.weight
+    tied, summary = factorize(nn.Sequential(a, b))
+    assert type(tied[0]) is nn.Linear and tied[0].weight is tied[1].weight
+    assert summary.layers[0].reason == "weight shared by several modules"
+
+
+def test_summary_table_json_and_macs_match_flop_counter():
+    model = nn.Sequential(
+        set_low_rank(nn.Conv2d(4, 16, 3, stride=2, padding=1, groups=2), 1, "pointwise-first"),
+        set_low_rank(nn.Conv2d(16, 16, 3, padding=1), 2),
+        nn.Flatten(),
+        set_low_rank(nn.Linear(16 * 16, 20), 2),
+    )
+    x = torch.randn(2, 4, 8, 8)
+    fact, summary = factorize(model, example_inputs=x)
+    assert [lay.split for lay in summary.layers] == ["pointwise-first", "kernel-first", "linear"]
+    for net, key in ((model, "before"), (fact, "after")):
+        with FlopCounterMode(display=False) as counter:
+            net(x)
+        assert counter.get_total_flops() == 2 * summary.totals("macs")[key == "after"]
+    bn = nn.Sequential(nn.BatchNorm2d(4), model[0]).train()
+    _, bn_summary = factorize(bn, example_inputs=x, inplace=True)
+    assert bn.training and bn[0].training and torch.equal(bn[0].running_mean, torch.zeros(4))
+    assert bn_summary.layers[0].macs_before == summary.layers[0].macs_before
+    text = str(summary)
+    assert "pointwise-first" in text and f"{summary.compression:.2f}x smaller" in text
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert data["model_params_after"] == sum(p.numel() for p in fact.parameters())
+    per_position = factorize(model)[1].layers[-1]
+    assert per_position.macs_before == 20 * 256 and per_position.macs_after == 2 * (20 + 256)
+
+
+def test_bad_options_raise_and_change_nothing():
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    for kwargs, exc, word in [
+        ({"rtol": -1.0}, ValueError, "rtol"),
+        ({"atol": float("nan")}, ValueError, "atol"),
+        ({"min_saving": 1.0}, ValueError, "min_saving"),
+        ({"min_saving": "0.1"}, TypeError, "min_saving"),
+        ({"include": [3]}, TypeError, "include"),
+    ]:
+        with pytest.raises(exc, match=word):
+            factorize(model, inplace=True, **kwargs)
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
+        factorize(torch.zeros(3))
+    assert all(type(m) is not Factorized for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- save, compile, export, train ----------------------------------------------------------
+
+
+def test_save_load_round_trip():
+    fact, _ = factorize(_model().eval())
+    buf = io.BytesIO()
+    torch.save(fact.state_dict(), buf)
+    other, _ = factorize(_model().eval())
+    for p in other.parameters():
+        nn.init.zeros_(p)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(other(x), fact(x))
+    buf = io.BytesIO()
+    torch.save(fact, buf)
+    buf.seek(0)
+    whole = torch.load(buf, weights_only=False)
+    assert isinstance(whole[0], Factorized) and torch.equal(whole(x), fact(x))
+
+
+def test_torch_export():
+    model = _model().eval()
+    fact, _ = factorize(model)
+    x = torch.randn(2, 3, 4, 4)
+    exported = torch.export.export(fact, (x,))
+    assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    """Dynamo + AOTAutograd (backend="aot_eager": no C++ build, a few seconds), forward and
+    backward; the inductor backend compiles the same graph."""
+    model = nn.Sequential(set_low_rank(nn.Linear(32, 32), 2), nn.ReLU())
+    fact, _ = factorize(model)
+    x = torch.randn(4, 32)
+    compiled = torch.compile(fact, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    assert torch.allclose(out, model(x), atol=1e-5)
+    out.sum().backward()
+    assert fact[0].first.weight.grad is not None
+
+
+def test_fine_tune_with_proxrank_on_the_factors():
+    torch.manual_seed(0)
+    fact, _ = factorize(nn.Sequential(set_low_rank(nn.Linear(40, 30), 6)))
+    factors = (fact[0].first.weight, fact[0].second.weight)
+    before = [torch.linalg.svdvals(w.detach()) for w in factors]
+    tau = float(before[0][3])  # the prox removes three of the six directions of `first`
+    opt = proxrank.ProxRank(torch.optim.SGD(fact.parameters(), lr=0.1), fact, lam=tau / 0.1)
+    assert [t.name for t in opt.targets] == ["0.first.weight", "0.second.weight"]
+    (0 * fact(torch.randn(8, 40)).sum()).backward()  # zero gradient: the step is the prox
+    opt.step()
+    for w, s in zip(factors, before, strict=True):
+        assert torch.allclose(torch.linalg.svdvals(w.detach()), (s - tau).clamp_min(0), atol=1e-5)
+    assert torch.linalg.matrix_rank(factors[0]) == 3
