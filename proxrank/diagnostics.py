@@ -128,7 +128,14 @@ class ConvergenceRule:
 
 @dataclass
 class LayerDiagnostics:
-    """Plain-data view of one matrix after its last prox (see the module docstring)."""
+    """Plain-data view of one matrix after its last prox (see the module docstring).
+
+    Under a non-Euclidean metric the spectral figures (rank, effective rank, nuclear norm,
+    energy removed) are those of the regularised matrix ``A^{1/2} W B^{1/2}``; the residual
+    and step figures are in the weight's own coordinates. ``tau`` is NaN while a rank target
+    sets the threshold from the spectrum; with ``Schedule(every=k)`` it is the accumulated
+    threshold and the realised step spans the ``k`` base steps since the last prox.
+    """
 
     name: str
     shape: tuple[int, int]
@@ -340,13 +347,16 @@ class Diagnostics:
         layer = self._layer(job.param)
         S_new, X = result.S_new, result.X
         rank = torch.count_nonzero(S_new)
+        # spectral figures are those of the regularised matrix: A^{1/2} W B^{1/2} in a metric
+        Y = W if job.weighting is None else job.weighting.to_metric(W)
         nuclear = S_new.sum()
-        out_norm = torch.linalg.vector_norm(S_new)
-        in_sq = torch.linalg.vector_norm(W).square()
+        out_sq = S_new.square().sum()
+        in_sq = torch.linalg.vector_norm(Y).square()
         p = S_new / torch.where(nuclear > 0, nuclear, 1)
         effective_rank = torch.where(nuclear > 0, torch.exp(-torch.xlogy(p, p).sum()), 0)
-        energy_removed = torch.where(in_sq > 0, 1 - out_norm.square() / in_sq, 0).clamp(0, 1)
-        step_norm, relative_step = self._realised_step(layer, job, X, out_norm)
+        energy_removed = torch.where(in_sq > 0, 1 - out_sq / in_sq, 0).clamp(0, 1)
+        # steps are measured in the weight's own coordinates
+        step_norm, relative_step = self._realised_step(layer, job, X, torch.linalg.vector_norm(X))
         nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
 
         zero = torch.zeros((), dtype=torch.int64, device=X.device)
@@ -357,14 +367,14 @@ class Diagnostics:
         small_step = relative_step <= self.rule.tol  # False while NaN
         layer.below_tol = torch.where(small_step, layer.below_tol + 1, zero)
 
-        lam = job.tau / job.lr if job.lr > 0 else math.nan
-        reg = nan
+        lam = job.tau / job.lr if job.lr > 0 and job.rank is None else math.nan
+        reg = nan  # also while a rank target sets the threshold from the spectrum (lam is NaN)
         if isinstance(job.prox, SoftThreshold):
             reg = lam * nuclear
         elif isinstance(job.prox, HardThreshold):
             reg = lam * rank.to(X.dtype)
         layer.reg_in, layer.reg = (nan if layer.reg is None else layer.reg), reg
-        layer.rank, layer.norm = rank, out_norm
+        layer.rank = rank
         error_bound = job.state.get("error_bound", result.svd.error_bound)
         layer.stats = torch.stack(
             [
@@ -378,7 +388,7 @@ class Diagnostics:
                 torch.as_tensor(error_bound, dtype=X.dtype, device=X.device).reshape(()),
             ]
         )
-        layer.tau = float(job.tau)
+        layer.tau = float(job.tau) if job.rank is None else math.nan
         layer.backend = str(job.state.get("backend", self.optimizer.backend.name))
         layer.step = self._step
         layer.spectra = (self._spectrum_before(layer, W, result.svd.S), S_new.detach())
@@ -398,6 +408,7 @@ class Diagnostics:
             step_norm = torch.dist(written.to(X.dtype), prev.to(X.dtype))
             scale = torch.maximum(out_norm, layer.norm.to(X))
             relative = torch.where(scale > 0, step_norm / torch.where(scale > 0, scale, 1), 0)
+        layer.norm = out_norm
         if self.track_step:
             aliased = written.untyped_storage().data_ptr() == job.param.untyped_storage().data_ptr()
             layer.prev = written.detach().clone() if aliased else written.detach()
@@ -468,8 +479,6 @@ class Diagnostics:
         dense = sum(p.numel() for p in params.values())
         saved = sum(max(0, lay.dense_params - lay.factorized_params) for lay in layers)
         factorized = dense - saved
-        last = self._step - 1
-        current = [lay for lay in layers if lay.step == last]
         return ModelDiagnostics(
             step=self._step,
             layers=layers,
@@ -478,7 +487,7 @@ class Diagnostics:
             compression_ratio=dense / factorized if factorized else math.inf,
             loss=_to_float(self._loss),
             objective=_to_float(self._objective),
-            converged=bool(current) and all(lay.converged for lay in current),
+            converged=bool(layers) and all(lay.converged for lay in layers),
             rule=self.rule,
         )
 

@@ -68,14 +68,13 @@ def _matches(
 def _candidates(
     source: nn.Module | Iterable[tuple[str, nn.Parameter]],
 ) -> list[tuple[str, str, nn.Module | None, nn.Parameter]]:
-    """``(param_name, module_name, module, param)`` for every parameter, each tensor once."""
+    """``(param_name, module_name, module, param)`` for every parameter; from a model, a tied
+    tensor appears once per owner."""
     if isinstance(source, nn.Module):
-        out, seen = [], set()
-        for module_name, module in source.named_modules():
+        # every owner of each tensor, so that tied weights are selected whichever owner matches
+        out = []
+        for module_name, module in source.named_modules(remove_duplicate=False):
             for pname, p in module.named_parameters(recurse=False):
-                if id(p) in seen:  # tied weights: one prox per tensor
-                    continue
-                seen.add(id(p))
                 full = f"{module_name}.{pname}" if module_name else pname
                 out.append((full, module_name, module, p))
         return out
@@ -123,8 +122,10 @@ def select_targets(
             "include/exclude by module type needs the model itself: pass the nn.Module as "
             "model_or_named_params, or use name patterns"
         )
-    targets = []
+    targets, seen = [], set()
     for pname, mname, module, p in candidates:
+        if id(p) in seen:  # tied weights: one prox per tensor, under its first matching name
+            continue
         if inc:
             chosen = _matches(inc, pname, mname, module)
         elif module is None:
@@ -140,5 +141,6 @@ def select_targets(
                 f"parameter {pname!r} has dtype {p.dtype}; proxrank supports float16, bfloat16, "
                 "float32 and float64 weights: exclude it (exclude=[...]) or convert it"
             )
+        seen.add(id(p))
         targets.append(Target(pname, p, type(module) if module is not None else None))
     return targets

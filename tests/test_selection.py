@@ -85,3 +85,15 @@ def test_error_paths():
     w = nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))
     with pytest.raises(TypeError, match="'w' has dtype torch.complex64"):
         select_targets([("w", w)])
+
+
+@pytest.mark.parametrize("emb_first", [True, False])
+def test_tied_weight_selected_whichever_owner_is_registered_first(emb_first):
+    """An embedding tied to a Linear head: the head's weight is selected by default (a Linear
+    weight) and by an include pattern naming the head, in either registration order."""
+    emb, head = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head} if emb_first else {"head": head, "emb": emb})
+    assert names(select_targets(model)) == ["head.weight"]
+    assert names(select_targets(model, include=["head.weight"])) == ["head.weight"]
+    assert names(select_targets(model, include=[nn.Embedding])) == ["emb.weight"]
