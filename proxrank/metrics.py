@@ -214,6 +214,11 @@ def _accumulate(state: dict[str, Any], key: str, value: Tensor, beta: float | No
     """``state[key]``: EMA ``s_t = beta s_{t-1} + (1 - beta) v_t`` from ``s_0 = 0``, or with
     ``beta=None`` the plain mean of all ``v_t``; ``state[key + "_count"] = t``. A new tensor is
     stored each time (saved state dicts are not mutated)."""
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(
+            f"the {key} statistic is not finite (inf/NaN or overflowing inputs or gradients); "
+            "it was not stored. Check the data, or use metric='euclidean'"
+        )
     count = int(state.get(f"{key}_count", 0)) + 1
     old = state.get(key)
     if beta is None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +136,7 @@ class ProxRank(Optimizer):
                 "lam= is required, unless schedule= has a rank target (target= or budget=)"
             )
         self.schedule = schedule
-        lam = 0.0 if lam is None else lam
+        lam = 1.0 if lam is None else lam  # a rank target sets the threshold; lam=0 opts out
         prox_map = get_prox(prox)
         self.defaults = {
             **optimizer.defaults,
@@ -244,6 +245,11 @@ class ProxRank(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer; selected matrices in it get the prox."""
         self._init_group(param_group, where="param_group")
+        if self.schedule is not None and self.schedule.budget is not None:
+            raise ValueError(
+                "add_param_group with a budget schedule: the budget is allocated across the "
+                "layers known when the ProxRank was built; build it with every param group"
+            )
         self.optimizer.add_param_group(param_group)
         self._refresh_targets()
 
@@ -279,7 +285,8 @@ class ProxRank(Optimizer):
         module = self._modules[key]
         if metric is not None and module.training:
             dtype = compute_dtype(module.weight.dtype)
-            metric.observe_input(self._target_state[key], x.to(dtype))
+            with self._naming_errors(key):
+                metric.observe_input(self._target_state[key], x.to(dtype))
 
     @torch.no_grad()
     def _observe_grads(self, groups: list[tuple[dict[str, Any], tuple]]) -> None:
@@ -289,7 +296,17 @@ class ProxRank(Optimizer):
             p = self._param_of[key]
             if p.grad is not None and not p.grad.is_sparse:
                 g = p.grad.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-                metric.observe_grad(self._target_state[key], g)
+                with self._naming_errors(key):
+                    metric.observe_grad(self._target_state[key], g)
+
+    @contextlib.contextmanager
+    def _naming_errors(self, key: int) -> Iterator[None]:
+        """Prefix a metric's error with the name of the weight it concerns."""
+        try:
+            yield
+        except (FloatingPointError, ValueError) as err:
+            name = next(t.name for t in self._targets if id(t.param) == key)
+            raise type(err)(f"weight {name!r}: {err}") from None
 
     def close(self) -> None:
         """Remove the forward hooks the ``"activation"``/``"two_sided"`` metrics use (also
@@ -327,32 +344,36 @@ class ProxRank(Optimizer):
         self._sync_input_hooks(groups)
         if closure is None:
             self._observe_grads(groups)
+        # every option, metric weighting and schedule decision is settled (and can raise)
+        # before the base step changes anything
+        jobs = self._collect_jobs(groups)
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if closure is not None:
             self._observe_grads(groups)
         if self.check_finite:
             self._raise_if_nonfinite("after the base optimizer's step", grads=False)
-        self._apply_prox(groups)
+        self._apply_prox(jobs)
         self.step_count += 1
         if self.tracker is not None:
             self.tracker.end_step(loss)
         return loss
 
     @torch.no_grad()
-    def _apply_prox(self, groups: list[tuple[dict[str, Any], tuple]]) -> None:
-        for batch in self._batches(self._collect_jobs(groups)):
+    def _apply_prox(self, jobs: list[_Job]) -> None:
+        for batch in self._batches(jobs):
             self._run_batch(batch)
 
     def _collect_jobs(self, groups: list[tuple[dict[str, Any], tuple]]) -> list[_Job]:
         """One job per selected matrix whose group has ``lam > 0``: ``tau = lam * lr`` and its
-        group metric's weighting (all computed before any weight is written); with a schedule,
-        the job (threshold or rank target, or none) the schedule plans."""
+        group metric's weighting; with a schedule, the job (threshold or rank target, or none)
+        the schedule plans. Runs before the base step: the metric's weights are those of the
+        statistics gathered so far (a base optimizer's second moment as of the previous step)."""
         jobs = []
         n = self.step_count + 1
         if self.schedule is not None:
             self.schedule.prepare(n, self._targets, self._target_state)
         for group, (lam, prox, metric) in groups:
-            if lam == 0 and not (self.schedule is not None and self.schedule.has_rank):
+            if lam == 0:
                 continue
             tau = lam * float(group["lr"])
             for p in group["params"]:
@@ -433,7 +454,7 @@ class ProxRank(Optimizer):
                 self._position[id(t.param)]: {
                     "name": t.name,
                     "shape": tuple(t.param.shape),
-                    "state": self._target_state[id(t.param)],
+                    "state": dict(self._target_state[id(t.param)]),
                 }
                 for t in self._targets
             },
@@ -453,6 +474,7 @@ class ProxRank(Optimizer):
             out = hook(self, state_dict)
             state_dict = state_dict if out is None else out
         ours = state_dict.pop("proxrank", None)
+        state_dict["param_groups"] = self._complete_groups(state_dict["param_groups"])
         load_diagnostics = None
         if ours is not None:
             loaded = self._check_loaded_targets(ours)
@@ -468,6 +490,18 @@ class ProxRank(Optimizer):
                 load_diagnostics()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _complete_groups(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Saved param groups with proxrank's options filled in (a plain base-optimizer state
+        dict has none) and validated, before anything is loaded."""
+        groups = []
+        for i, group in enumerate(saved):
+            group = dict(group)
+            for key in GROUP_OPTIONS:
+                group.setdefault(key, self.defaults[key])
+            self._group_options(group, f"state_dict['param_groups'][{i}]")
+            groups.append(group)
+        return groups
 
     def _check_loaded_targets(self, ours: dict[str, Any]) -> dict[int, dict[str, Any]]:
         saved = {int(k): v for k, v in ours["targets"].items()}

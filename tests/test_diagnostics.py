@@ -520,3 +520,33 @@ def test_errors():
         proxrank.Diagnostics(loggers=[print])
     with pytest.raises(TypeError, match="SummaryWriter"):
         proxrank.TensorBoardLogger(3)
+
+
+def test_figures_under_a_metric_are_in_the_regularised_matrix_space():
+    """Under metric="fisher": energy removed and nuclear norm are those of A^{1/2} W (what the
+    prox thresholds); the relative step is measured on the weight itself."""
+    from proxrank.metrics import FisherMetric
+
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(6, 9, bias=False).double()
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=2.0, metric="fisher", diagnostics=True
+    )
+    after_base, outputs = [], []
+    opt.optimizer.register_step_post_hook(lambda *_: after_base.append(lin.weight.detach().clone()))
+    x = torch.randn(20, 6, dtype=torch.float64) * torch.logspace(-1, 1, 6, dtype=torch.float64)
+    for _ in range(2):
+        opt.zero_grad()
+        lin(x).pow(2).sum().backward()
+        opt.step()
+        outputs.append(lin.weight.detach().clone())
+    state = opt._target_state[id(lin.weight)]
+    Y = FisherMetric().weighting(state, {}, (9, 6)).to_metric(after_base[-1])
+    s_new = (torch.linalg.svdvals(Y) - 0.2).clamp_min(0)
+    (layer,) = opt.diagnostics().layers
+    assert layer.energy_removed == pytest.approx(float(1 - s_new.square().sum() / Y.square().sum()))
+    assert layer.nuclear_norm == pytest.approx(float(s_new.sum()))
+    step = float(torch.dist(outputs[1], outputs[0]))
+    scale = max(float(outputs[1].norm()), float(outputs[0].norm()))
+    assert layer.relative_step == pytest.approx(step / scale)
+    assert layer.grad_mapping_norm == pytest.approx(step / 0.1)

@@ -192,22 +192,27 @@ def test_fisher_with_closure_uses_the_closures_gradients():
 
 
 def test_adam_metric_reads_exp_avg_sq():
+    """The weights are the second moment as of the previous step (read before the base step,
+    so that a missing state raises before anything changes); the first step is Euclidean."""
     torch.manual_seed(0)
     lin = nn.Linear(5, 4, bias=False).double()
     base = torch.optim.Adam(lin.parameters(), lr=0.01)
     opt = proxrank.ProxRank(base, lin, lam=1.0, metric=proxrank.AdamMetric(side="in"))
-    lin(torch.randn(7, 5, dtype=torch.float64)).pow(2).sum().backward()
-    W0 = lin.weight.detach().clone()
-    opt.step()
-    # redo the Adam step on a copy, then the weighted prox by hand
-    lin2 = nn.Linear(5, 4, bias=False).double()
-    lin2.weight.data.copy_(W0)
-    lin2.weight.grad = lin.weight.grad.clone()
+    lin2 = nn.Linear(5, 4, bias=False).double()  # the same run by hand
+    lin2.weight.data.copy_(lin.weight.detach())
     adam2 = torch.optim.Adam(lin2.parameters(), lr=0.01)
-    adam2.step()
-    b = damped(adam2.state[lin2.weight]["exp_avg_sq"].sum(0), 1e-2)
-    expected = proxrank.weighted_prox(lin2.weight.detach(), 0.01, None, b)
-    torch.testing.assert_close(lin.weight.detach(), expected, rtol=0, atol=1e-12)
+    for step in range(3):
+        x = torch.randn(7, 5, dtype=torch.float64)
+        opt.zero_grad()
+        lin(x).pow(2).sum().backward()
+        opt.step()
+        adam2.zero_grad()
+        lin2(x).pow(2).sum().backward()
+        b = None if step == 0 else damped(adam2.state[lin2.weight]["exp_avg_sq"].sum(0), 1e-2)
+        adam2.step()
+        with torch.no_grad():
+            lin2.weight.copy_(proxrank.weighted_prox(lin2.weight.detach(), 0.01, None, b))
+        torch.testing.assert_close(lin.weight.detach(), lin2.weight.detach(), rtol=0, atol=1e-12)
 
 
 def test_activation_statistics_are_input_second_moments_in_training_mode_only():
@@ -426,14 +431,20 @@ class Momentum(torch.optim.Optimizer):
                     p.data.add_(buf, alpha=-group["lr"])
 
 
-def test_adam_metric_without_second_moment_state_raises_before_any_prox():
+def test_adam_metric_without_second_moment_state_raises_before_anything_changes():
+    """An unknown optimizer's state is only seen once it exists: the first step (no state yet)
+    is Euclidean; the next raises before the base step, leaving weights and state alone."""
     model = mlp()
-    opt = proxrank.ProxRank(Momentum(model.parameters()), model, lam=100.0, metric="adam")
+    opt = proxrank.ProxRank(Momentum(model.parameters()), model, lam=0.01, metric="adam")
     model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    weights = [p.detach().clone() for p in model.parameters()]
+    moments = [opt.state[p]["momentum"].clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"metric='adam'.*\['momentum'\]"):
         opt.step()
-    for layer in (model[0], model[2]):  # the strong prox would have made them rank 0
-        assert torch.linalg.matrix_rank(layer.weight) > 0
+    assert opt.step_count == 1
+    for p, w, mom in zip(model.parameters(), weights, moments, strict=True):
+        assert torch.equal(p.detach(), w) and torch.equal(opt.state[p]["momentum"], mom)
 
 
 def test_unknown_metric():
@@ -515,3 +526,20 @@ def test_custom_metric_with_constant_statistics_equals_euclidean_exactly():
         runs.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*runs, strict=True):
         assert torch.equal(p, q)
+
+
+def test_overflowing_activation_statistics_raise_in_forward_naming_the_weight():
+    model = mlp()
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, metric="activation"
+    )
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    before = [dict(opt._target_state[id(t.param)]) for t in opt.targets]
+    x = torch.randn(3, 4)
+    x[0, 0] = 1e30  # finite, but x x^T overflows float32
+    with pytest.raises(FloatingPointError, match="weight '0.weight': the activation statistic"):
+        model(x)
+    after = [opt._target_state[id(t.param)] for t in opt.targets]
+    for b, a in zip(before, after, strict=True):
+        assert b.keys() == a.keys() and all(b[k] is a[k] for k in b)  # nothing stored

@@ -380,3 +380,34 @@ def test_invalid_arguments():
     only_bias = torch.optim.SGD([model[0].bias], lr=0.1)
     with pytest.raises(ValueError, match="none of the selected parameters"):
         proxrank.ProxRank(only_bias, model, lam=0.1)
+
+
+def test_plain_base_checkpoint_loads_and_training_goes_on():
+    """A checkpoint of the bare base optimizer has no proxrank options in its groups: they take
+    the wrapper's values, and the next step works."""
+    model, other = make_model(), make_model(seed=1)
+    opt = proxrank.ProxRank(torch.optim.AdamW(model.parameters(), lr=1e-2), model, lam=0.2)
+    train(model, opt, 1)
+    plain = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    train(other, plain, 1)
+    opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["lam"] == 0.2 and opt.param_groups[0]["prox"] == "soft"
+    train(model, opt, 1, start=1)
+    assert opt.step_count == 2
+    bad = plain.state_dict()
+    bad["param_groups"][0]["lam"] = -1.0
+    with pytest.raises(ValueError, match=r"state_dict\['param_groups'\]\[0\]\['lam'\]"):
+        opt.load_state_dict(bad)
+
+
+def test_state_dict_is_a_snapshot():
+    model = make_model()
+    sched = proxrank.Schedule(lam=1.0, every=3)
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, schedule=sched
+    )
+    train(model, opt, 1)
+    sd = opt.state_dict()
+    saved = copy.deepcopy(sd["proxrank"]["targets"])
+    train(model, opt, 1, start=1)
+    assert sd["proxrank"]["targets"] == saved

@@ -406,3 +406,30 @@ def test_rank_target_in_the_fisher_metric():
     assert int(torch.linalg.matrix_rank(W)) == 3
     euclid = weighted_truncate(after_base[-1], 3)
     assert not torch.allclose(W, euclid)  # and it differs from the Euclidean truncation
+
+
+def test_rank_schedule_leaves_groups_with_lam_zero_alone():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 6))
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lam": 0.0}]
+    sch = Schedule(target=2, warmup=0, ramp_end=2)
+    opt = proxrank.ProxRank(torch.optim.SGD(groups, lr=0.1), model, schedule=sch)
+    x = torch.randn(16, 8)
+    for _ in range(4):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    assert int(torch.linalg.matrix_rank(model[0].weight)) == 2
+    assert int(torch.linalg.matrix_rank(model[2].weight)) == 6
+
+
+def test_add_param_group_with_a_budget_schedule_is_refused():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 6))
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model[0].parameters(), lr=0.1),
+        model,
+        schedule=Schedule(budget=0.5, ramp_end=4),
+    )
+    with pytest.raises(ValueError, match="add_param_group with a budget schedule"):
+        opt.add_param_group({"params": model[2].parameters()})
+    assert len(opt.param_groups) == 1 and [t.name for t in opt.targets] == ["0.weight"]
