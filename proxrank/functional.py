@@ -30,6 +30,7 @@ __all__ = [
     "project_rank",
     "project_spectral_ball",
     "prox_step",
+    "reconstruct",
     "singular_value_map",
     "svt",
 ]
@@ -64,7 +65,8 @@ def _threshold_arg(tau: float | Tensor, Y: Tensor, name: str = "tau") -> Tensor:
     return t
 
 
-def _reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
+def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
+    """``U diag(S) Vh``, batched."""
     return (U * S.unsqueeze(-2)) @ Vh
 
 
@@ -73,7 +75,7 @@ def singular_value_map(Y: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     _check_matrix(Y)
     Yc = Y.to(compute_dtype(Y.dtype))
     U, S, Vh = torch.linalg.svd(Yc, full_matrices=False)
-    return _reconstruct(U, fn(S), Vh).to(Y.dtype)
+    return reconstruct(U, fn(S), Vh).to(Y.dtype)
 
 
 def svt(Y: Tensor, tau: float | Tensor) -> Tensor:
@@ -132,4 +134,4 @@ def prox_step(
     tau = torch.as_tensor(tau, dtype=Y.dtype, device=Y.device)
     result = backend.svd(Y, prox.cutoff(tau), {} if state is None else state)
     S_new = prox(result.S, tau)
-    return ProxResult(_reconstruct(result.U, S_new, result.Vh), result, S_new)
+    return ProxResult(reconstruct(result.U, S_new, result.Vh), result, S_new)

@@ -49,8 +49,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import Backend, compute_dtype
-from .functional import ProxResult, project_rank, prox_step
+from .backends import compute_dtype
+from .functional import project_rank, prox_step
 from .prox import ProxMap, get_prox
 
 __all__ = [
@@ -162,7 +162,8 @@ def weighted_prox(
     ``tau g(A^{1/2} X B^{1/2})`` in the metric ``||X||^2 = tr(X^T A X B)`` (``g`` the nuclear
     norm for ``prox="soft"``, the rank for ``"hard"``). ``A``, ``B``: SPD matrices, positive
     vectors (diagonal) or ``None`` (identity). ``Y``: one ``m x n`` matrix, float32/float64."""
-    return weighted_prox_step(Y, tau, get_prox(prox), None, None, Weighting.from_spd(A, B)).X
+    prox_map = get_prox(prox)
+    return Weighting.from_spd(A, B).apply(lambda Z: prox_step(Z, tau, prox_map).X, Y)
 
 
 def weighted_truncate(
@@ -171,23 +172,6 @@ def weighted_truncate(
     """``A^{-1/2} [A^{1/2} W B^{1/2}]_r B^{-1/2}`` (``[.]_r``: the ``r`` largest singular
     triplets): the minimiser of ``||A^{1/2} (W - X) B^{1/2}||_F`` over ``rank(X) <= r``."""
     return Weighting.from_spd(A, B).apply(lambda Z: project_rank(Z, rank), W)
-
-
-def weighted_prox_step(
-    W: Tensor,
-    tau: float | Tensor,
-    prox: ProxMap,
-    backend: Backend | None,
-    state: dict[str, Any] | None,
-    weighting: Weighting | None,
-) -> ProxResult:
-    """:func:`proxrank.functional.prox_step` taken in a metric: ``X`` is mapped back to the
-    weight's coordinates; the triplets and ``S_new`` are those of ``A^{1/2} W B^{1/2}``. With
-    ``weighting=None`` this is ``prox_step`` itself."""
-    if weighting is None:
-        return prox_step(W, tau, prox, backend, state)
-    result = prox_step(weighting.to_metric(W), tau, prox, backend, state)
-    return ProxResult(weighting.from_metric(result.X), result.svd, result.S_new)
 
 
 # -- statistics --------------------------------------------------------------------------------

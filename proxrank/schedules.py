@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .backends import Backend
 from .budget import allocate_ranks, budget_size
-from .functional import ProxResult
+from .functional import ProxResult, reconstruct
 from .prox import HardThreshold, ProxMap, SoftThreshold
 from .selection import Target
 
@@ -130,7 +130,7 @@ def rank_prox_step(
         S_new = prox(S, tau)
     else:
         S_new = torch.where(torch.arange(S.shape[-1], device=S.device) < rank, S, 0)
-    return ProxResult((svd.U * S_new.unsqueeze(-2)) @ svd.Vh, svd, S_new)
+    return ProxResult(reconstruct(svd.U, S_new, svd.Vh), svd, S_new)
 
 
 class Schedule:
