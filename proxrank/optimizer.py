@@ -70,7 +70,13 @@ class ProxRank(Optimizer):
         include: name patterns or module types that replace the default selection (weights of
             ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
         exclude: name patterns or module types removed from the selection.
-        backend: how singular triplets are computed (``"exact"``: full ``torch.linalg.svd``).
+        backend: how singular triplets are computed: ``"auto"`` (default; per matrix
+            ``"gram"`` or ``"subspace"`` from its rank ratio), ``"exact"`` (full
+            ``torch.linalg.svd``), ``"gram"``, ``"subspace"``, or a
+            :class:`proxrank.backends.Backend`; see :mod:`proxrank.backends`.
+        tol: relative error bound of the fast backends (default ``1e-4``): a matrix whose
+            certified bound exceeds ``tol * ||W||_F`` is recomputed with the exact SVD. Applies
+            to backends given by name.
         check_finite: raise before anything changes when a selected weight or its gradient is
             not finite (one device synchronisation per step).
 
@@ -89,7 +95,8 @@ class ProxRank(Optimizer):
         prox: str | ProxMap = "soft",
         include: Selector | Sequence[Selector] | None = None,
         exclude: Selector | Sequence[Selector] | None = None,
-        backend: str | Backend = "exact",
+        backend: str | Backend = "auto",
+        tol: float | None = None,
         check_finite: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -106,7 +113,7 @@ class ProxRank(Optimizer):
             "lam": _check_lam(lam, "lam"),
             "prox": prox if isinstance(prox, ProxMap) else prox_map.name,
         }
-        self.backend = get_backend(backend)
+        self.backend = get_backend(backend, tol=tol)
         self.check_finite = bool(check_finite)
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
@@ -241,17 +248,31 @@ class ProxRank(Optimizer):
         return jobs
 
     def _batches(self, jobs: list[_Job]) -> Iterable[list[_Job]]:
-        """Jobs computed together in one backend call (one matrix per call for now)."""
-        return ([job] for job in jobs)
+        """Jobs computed together in one batched backend call: same prox map (so same param
+        group), same matrix shape up to transposition, dtype and device."""
+        batches: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            p = job.param
+            m, n = p.shape[0], p.numel() // p.shape[0]
+            key = (id(job.prox), min(m, n), max(m, n), p.dtype, p.device)
+            batches.setdefault(key, []).append(job)
+        return batches.values()
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        """Prox every matrix of ``batch`` (in float32 for half-precision weights) and write it
-        back in the weight's dtype; each weight is written whole, once."""
+        """Prox every matrix of ``batch`` in one backend call (in float32 for half-precision
+        weights; tall matrices transposed so that the batch shares one shape) and write each
+        back in its weight's dtype, whole, once."""
+        mats = []
         for job in batch:
             p = job.param
             W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-            result = prox_step(W, job.tau, job.prox, self.backend, job.state)
-            p.copy_(result.X.reshape(p.shape))
+            mats.append(W.mT if W.shape[0] > W.shape[1] else W)
+        Y = torch.stack(mats)
+        tau = torch.tensor([job.tau for job in batch], dtype=Y.dtype, device=Y.device)
+        X = prox_step(Y, tau, batch[0].prox, self.backend, [job.state for job in batch]).X
+        for job, W, Xi in zip(batch, mats, X, strict=True):
+            p = job.param
+            p.copy_((Xi.mT if W.shape[0] != p.shape[0] else Xi).reshape(p.shape))
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
