@@ -8,7 +8,14 @@ that pushes each weight matrix toward low rank (singular value thresholding)::
 """
 
 from . import functional
-from .backends import Backend, ExactBackend, SVDResult
+from .backends import (
+    AutoBackend,
+    Backend,
+    ExactBackend,
+    GramBackend,
+    SubspaceBackend,
+    SVDResult,
+)
 from .optimizer import ProxRank
 from .prox import HardThreshold, ProxMap, SoftThreshold
 from .selection import DEFAULT_MODULE_TYPES, Target, select_targets
@@ -17,13 +24,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
+    "AutoBackend",
     "Backend",
     "ExactBackend",
+    "GramBackend",
     "HardThreshold",
     "ProxMap",
     "ProxRank",
     "SVDResult",
     "SoftThreshold",
+    "SubspaceBackend",
     "Target",
     "__version__",
     "functional",

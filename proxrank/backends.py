@@ -77,6 +77,7 @@ __all__ = [
 
 State = dict[str, Any] | Sequence[dict[str, Any]]
 
+
 class SVDResult(NamedTuple):
     """Singular triplets of a (batch of) matrices: ``Y ~ U diag(S) Vh``.
 
@@ -194,8 +195,15 @@ def _gram_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
     bound = torch.where(certified, e21, math.inf).to(Y.dtype)
     U = V.to(Y.dtype)
     return _Part(
-        idx, "gram", U, S.to(Y.dtype), lambda K: _right(U, Y, S.to(Y.dtype), K), bound, need,
-        U, True,
+        idx,
+        "gram",
+        U,
+        S.to(Y.dtype),
+        lambda K: _right(U, Y, S.to(Y.dtype), K),
+        bound,
+        need,
+        U,
+        True,
     )
 
 
@@ -389,7 +397,11 @@ class _CertifiedBackend(Backend):
         if src.shape[-1] < K:  # grow: new directions at random
             gen = self._generator(src.device)
             extra = torch.randn(
-                len(p.idx), m, K - src.shape[-1], generator=gen, dtype=src.dtype,
+                len(p.idx),
+                m,
+                K - src.shape[-1],
+                generator=gen,
+                dtype=src.dtype,
                 device=src.device,
             )
             src = torch.cat([src, extra], dim=-1)
@@ -415,8 +427,15 @@ def _drop(p: _Part, failed: list[int]) -> _Part:
         return p
     vh = p.vh
     return _Part(
-        [p.idx[j] for j in keep], p.method, p.U[keep], p.S[keep], lambda K: vh(K)[keep],
-        p.bound[keep], p.need[keep], p.next_src[keep], p.orthonormal,
+        [p.idx[j] for j in keep],
+        p.method,
+        p.U[keep],
+        p.S[keep],
+        lambda K: vh(K)[keep],
+        p.bound[keep],
+        p.need[keep],
+        p.next_src[keep],
+        p.orthonormal,
     )
 
 
