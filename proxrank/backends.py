@@ -238,22 +238,18 @@ def _tail_bound(Y: Tensor, Q: Tensor, Z: Tensor, gen: torch.Generator, probes: i
 def _subspace_part(
     Y: Tensor, c: Tensor, min_rank: int, idx: list[int], Q: Tensor, backend: SubspaceBackend
 ) -> _Part:
-    """Subspace iteration with Rayleigh-Ritz from the warm basis ``Q`` (``(b, m, k)``, zero
-    columns allowed): each iteration takes the Ritz triplets of ``Q^T Y`` and ``G U`` as the
-    next basis (one block power step)."""
-    GU = Q
-    for it in range(backend.iterations):
-        if it:
-            Q = torch.linalg.qr(GU).Q
-        Z = Q.mT @ Y  # (b, k, n)
-        T = Y @ Z.mT  # (b, m, k) = G Q
-        Zd = Z.double()
-        lam, W = torch.linalg.eigh(Zd @ Zd.mT)
-        lam, W = lam.flip(-1).clamp_min(0), W.flip(-1).to(Y.dtype)
-        U = Q @ W
-        GU = T @ W
-    S = lam.sqrt().to(Y.dtype)
-    res = torch.linalg.vector_norm(GU - U * lam.to(Y.dtype).unsqueeze(-2), dim=-2)  # (b, k)
+    """Subspace iteration from the warm basis ``Q`` (``(b, m, k)``, zero columns allowed):
+    ``iterations - 1`` block power steps ``Q <- orth(Y Y^T Q)``, then the Ritz triplets of
+    ``Q^T Y``; ``G U`` (one more power step) seeds the next step's basis."""
+    for _ in range(backend.iterations - 1):
+        Q = torch.linalg.qr(Y @ (Y.mT @ Q)).Q
+    Z = Q.mT @ Y  # (b, k, n)
+    lam, W = torch.linalg.eigh(Z @ Z.mT)
+    lam, W = lam.flip(-1).clamp_min(0), W.flip(-1)
+    U = Q @ W
+    GU = Y @ (Z.mT @ W)  # = Y Y^T U
+    S = lam.sqrt()
+    res = torch.linalg.vector_norm(GU - U * lam.unsqueeze(-2), dim=-2)  # (b, k)
     need = _need(S, c, min_rank)
     k = S.shape[-1]
     kept = torch.arange(k, device=Y.device) < need.unsqueeze(-1)
@@ -491,7 +487,7 @@ class SubspaceBackend(_CertifiedBackend):
         self,
         tol: float = 1e-4,
         *,
-        iterations: int = 1,
+        iterations: int = 2,
         refresh: int = 100,
         probes: int = 10,
         power: int = 3,
