@@ -19,8 +19,10 @@ Backends (``backend=`` of :class:`proxrank.ProxRank`):
     step) becomes the next step's basis. The block grows when every Ritz value is above the
     cutoff and shrinks when many are below; every ``refresh`` steps it is rebuilt exactly.
 ``"auto"``
-    per matrix and step: ``"gram"`` while the matrix is (nearly) full rank or has no basis yet,
-    ``"subspace"`` once its block is at most ``max_ratio`` of the smaller side.
+    per matrix and step: while the matrix is (nearly) full rank or has no basis yet,
+    ``"gram"`` for oblong matrices (long side at least twice the short one) and ``"exact"`` for
+    squarish ones (where the SVD is as cheap as the eigendecomposition); ``"subspace"`` once its
+    block is at most ``max_ratio`` of the smaller side; ``"exact"`` for small matrices.
 
 Certificate (all fast backends). Let ``Q`` be the orthonormal basis of the computed left
 vectors (``k`` columns), ``(U_1, S_1, V_1)`` the returned triplets with ``s > c`` (Ritz
@@ -141,7 +143,6 @@ class _Part:
     bound: Tensor  # (b,)
     need: Tensor  # (b,) number of triplets to return
     next_src: Tensor  # (b, m, k): columns whose span is the next basis
-    orthonormal: bool  # whether next_src is already orthonormal
 
 
 def _need(S: Tensor, c: Tensor, min_rank: int) -> Tensor:
@@ -168,7 +169,7 @@ def _gather_or_zero(x: Tensor, pos: Tensor) -> Tensor:
 def _exact_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
     U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
     zero = torch.zeros_like(c)
-    return _Part(idx, "exact", U, S, lambda K: Vh[..., :K, :], zero, _need(S, c, min_rank), U, True)
+    return _Part(idx, "exact", U, S, lambda K: Vh[..., :K, :], zero, _need(S, c, min_rank), U)
 
 
 def _gram_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
@@ -203,7 +204,6 @@ def _gram_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
         bound,
         need,
         U,
-        True,
     )
 
 
@@ -214,8 +214,8 @@ def _tail_bound(Y: Tensor, Q: Tensor, Z: Tensor, gen: torch.Generator, probes: i
     dt = Y.dtype
     m, n = Y.shape[-2:]
     eps = torch.finfo(dt).eps
-    norm2 = Y.double().square().sum((-2, -1))
-    fro2 = norm2 - Z.double().square().sum((-2, -1)) + (m + n) * eps * norm2
+    norm2 = Y.square().sum((-2, -1)).double()
+    fro2 = norm2 - Z.square().sum((-2, -1)).double() + 2 * (m + n) * eps * norm2
     scale = norm2.sqrt().clamp_min(torch.finfo(dt).tiny).to(dt)[:, None, None]
     Ys = Y / scale
 
@@ -238,11 +238,11 @@ def _tail_bound(Y: Tensor, Q: Tensor, Z: Tensor, gen: torch.Generator, probes: i
 def _subspace_part(
     Y: Tensor, c: Tensor, min_rank: int, idx: list[int], Q: Tensor, backend: SubspaceBackend
 ) -> _Part:
-    """Subspace iteration from the warm basis ``Q`` (``(b, m, k)``, zero columns allowed):
-    ``iterations - 1`` block power steps ``Q <- orth(Y Y^T Q)``, then the Ritz triplets of
-    ``Q^T Y``; ``G U`` (one more power step) seeds the next step's basis."""
-    for _ in range(backend.iterations - 1):
-        Q = torch.linalg.qr(Y @ (Y.mT @ Q)).Q
+    """One Rayleigh-Ritz round from the warm basis ``Q`` (``(b, m, k)``, any spanning set,
+    zero columns allowed): orthonormalise, take the Ritz triplets of ``Q^T Y``, certify.
+    ``G U diag(1/lambda)`` (one block power step, columns rescaled to about unit norm) seeds
+    the next round or the next step's basis."""
+    Q = torch.linalg.qr(Q).Q
     Z = Q.mT @ Y  # (b, k, n)
     lam, W = torch.linalg.eigh(Z @ Z.mT)
     lam, W = lam.flip(-1).clamp_min(0), W.flip(-1)
@@ -258,7 +258,8 @@ def _subspace_part(
     tail = _tail_bound(Y, Q, Z, backend._generator(Y.device), backend.probes, backend.power)
     e22 = (_gather_or_zero(S, need).double().square() + tail.square()).sqrt()
     bound = torch.where(e22 <= c.double(), e21, math.inf)
-    return _Part(idx, "subspace", U, S, lambda K: _right(W, Z, S, K), bound, need, GU, False)
+    scaled = GU / lam.clamp_min(lam[..., :1] * torch.finfo(Y.dtype).eps).unsqueeze(-2)
+    return _Part(idx, "subspace", U, S, lambda K: _right(W, Z, S, K), bound, need, scaled)
 
 
 # -- orchestration -------------------------------------------------------------------------
@@ -295,6 +296,7 @@ class _CertifiedBackend(Backend):
     run each method once on its sub-batch, certify, fall back to the exact SVD, keep bases."""
 
     keeps_basis = False
+    iterations = 1
 
     def __init__(self, tol: float = 1e-4) -> None:
         _check_positive(tol, "tol")
@@ -304,8 +306,9 @@ class _CertifiedBackend(Backend):
         return f"{type(self).__name__}(tol={self.tol:g})"
 
     @abc.abstractmethod
-    def _plan(self, state: dict[str, Any], m: int) -> str:
-        """``"exact"``, ``"gram"`` or ``"subspace"`` for one matrix (its state, smaller side)."""
+    def _plan(self, state: dict[str, Any], m: int, n: int) -> str:
+        """``"exact"``, ``"gram"`` or ``"subspace"`` for one matrix (its state and shape,
+        ``m <= n``)."""
 
     def _run(self, method: str, Y: Tensor, c: Tensor, min_rank: int, idx, states) -> _Part:
         if method == "exact":
@@ -336,23 +339,42 @@ class _CertifiedBackend(Backend):
                     f"{(m, n)} (oriented with the smaller side first): the parameter changed "
                     "shape; rebuild the ProxRank (or clear this matrix's state) after resizing"
                 )
-        plan = [self._plan(st, m) for st in states]
-        parts = []
+        plan = [self._plan(st, m, n) for st in states]
+        pending = []
         for method in dict.fromkeys(plan):
             idx = [i for i, p in enumerate(plan) if p == method]
-            parts.append(self._run(method, Yb[idx], c[idx], min_rank, idx, states))
+            whole = len(idx) == B
+            sub_Y, sub_c = (Yb, c) if whole else (Yb[idx], c[idx])
+            pending.append(self._run(method, sub_Y, sub_c, min_rank, idx, states))
         limit = self.tol * torch.linalg.vector_norm(Yb, dim=(-2, -1))
-        ok = torch.cat([p.bound <= limit[p.idx] for p in parts])
-        flags = torch.cat([ok.long(), *(p.need for p in parts)]).tolist()  # the one sync
-        order = [i for p in parts for i in p.idx]
-        failed = [i for i, good in zip(order, flags[:B], strict=True) if not good]
-        need = dict(zip(order, flags[B:], strict=True))
-        if failed:
-            parts = [_drop(p, failed) for p in parts]
-            parts = [p for p in parts if p.idx]
-            redo = _exact_part(Yb[failed], c[failed], min_rank, failed)
-            need.update(zip(failed, redo.need.tolist(), strict=True))
-            parts.append(redo)
+        parts: list[_Part] = []
+        need: dict[int, int] = {}
+        failed: set[int] = set()
+        for rounds in range(1, self.iterations + 2):
+            ok = torch.cat([(p.bound <= limit[p.idx]) | (p.method == "exact") for p in pending])
+            flags = torch.cat([ok.long(), *(p.need for p in pending)]).tolist()  # one sync
+            order = [i for p in pending for i in p.idx]
+            need.update(zip(order, flags[len(order) :], strict=True))
+            bad = {i for i, good in zip(order, flags, strict=False) if not good}
+            retry, redo = [], []
+            for p in pending:
+                parts.append(_select(p, [i not in bad for i in p.idx]))
+                for j, i in enumerate(p.idx):
+                    states[i]["rounds"] = rounds
+                    if i in bad:
+                        (retry if rounds < self.iterations else redo).append((p, j, i))
+            pending = []
+            if retry:  # one more Rayleigh-Ritz round from the power-iterated basis
+                idx = [i for _, _, i in retry]
+                Q = torch.stack([p.next_src[j] for p, j, _ in retry])
+                pending.append(_subspace_part(Yb[idx], c[idx], min_rank, idx, Q, self))
+            if redo:
+                idx = [i for _, _, i in redo]
+                failed.update(idx)
+                pending.append(_exact_part(Yb[idx], c[idx], min_rank, idx))
+            if not pending:
+                break
+        parts = [p for p in parts if p.idx]
         K = max(need.values())
         U = Yb.new_zeros(B, m, K)
         S = Yb.new_zeros(B, K)
@@ -389,21 +411,15 @@ class _CertifiedBackend(Backend):
         if not self.keeps_basis:
             return
         K = max(sizes)
-        src = p.next_src[..., :K]
-        if src.shape[-1] < K:  # grow: new directions at random
-            gen = self._generator(src.device)
+        Qn = p.next_src[..., :K]
+        if Qn.shape[-1] < K:  # grow: new directions at random
             extra = torch.randn(
-                len(p.idx),
-                m,
-                K - src.shape[-1],
-                generator=gen,
-                dtype=src.dtype,
-                device=src.device,
+                (len(p.idx), m, K - Qn.shape[-1]),
+                generator=self._generator(Qn.device),
+                dtype=Qn.dtype,
+                device=Qn.device,
             )
-            src = torch.cat([src, extra], dim=-1)
-            Qn = torch.linalg.qr(src).Q
-        else:
-            Qn = src if p.orthonormal else torch.linalg.qr(src).Q
+            Qn = torch.cat([Qn, extra / m**0.5], dim=-1)
         for j, i in enumerate(p.idx):
             states[i]["basis"] = Qn[j, :, : sizes[j]].clone()
             states[i]["shape"] = (m, n)
@@ -416,9 +432,9 @@ class _CertifiedBackend(Backend):
         return gens[key]
 
 
-def _drop(p: _Part, failed: list[int]) -> _Part:
-    """The part without the matrices in ``failed``."""
-    keep = [j for j, i in enumerate(p.idx) if i not in failed]
+def _select(p: _Part, mask: list[bool]) -> _Part:
+    """The part restricted to the matrices where ``mask`` is true."""
+    keep = [j for j, good in enumerate(mask) if good]
     if len(keep) == len(p.idx):
         return p
     vh = p.vh
@@ -431,7 +447,6 @@ def _drop(p: _Part, failed: list[int]) -> _Part:
         p.bound[keep],
         p.need[keep],
         p.next_src[keep],
-        p.orthonormal,
     )
 
 
@@ -461,7 +476,7 @@ class GramBackend(_CertifiedBackend):
 
     name = "gram"
 
-    def _plan(self, state: dict[str, Any], m: int) -> str:
+    def _plan(self, state: dict[str, Any], m: int, n: int) -> str:
         return "gram"
 
 
@@ -471,8 +486,11 @@ class SubspaceBackend(_CertifiedBackend):
     Args:
         tol: relative error bound; a result whose bound exceeds ``tol * ||Y||_F`` is redone
             with the exact SVD.
-        iterations: Rayleigh-Ritz / block power iterations per step (the first one starts
-            from the basis the previous step left, already one power step ahead).
+        iterations: most Rayleigh-Ritz rounds per step. The first starts from the basis the
+            previous step left (already one block power step ahead); a matrix whose
+            certificate fails gets another round from its power-iterated basis, and after
+            ``iterations`` rounds the exact SVD. Each round costs about three ``m n k``
+            products and one host synchronisation per batch.
         refresh: steps between exact recomputations of the basis.
         probes, power: Gaussian probes and power steps of the randomized bound on the norm
             outside the basis (failure probability ``10^-probes``; the bound is loose by at
@@ -490,7 +508,7 @@ class SubspaceBackend(_CertifiedBackend):
         iterations: int = 2,
         refresh: int = 100,
         probes: int = 10,
-        power: int = 3,
+        power: int = 2,
     ) -> None:
         super().__init__(tol)
         for value, option in ((iterations, "iterations"), (refresh, "refresh"), (probes, "probes")):
@@ -499,7 +517,7 @@ class SubspaceBackend(_CertifiedBackend):
             raise ValueError(f"power must be an int >= 0, got {power!r}")
         self.iterations, self.refresh, self.probes, self.power = iterations, refresh, probes, power
 
-    def _plan(self, state: dict[str, Any], m: int) -> str:
+    def _plan(self, state: dict[str, Any], m: int, n: int) -> str:
         if (
             state.get("basis") is None
             or state.get("fallback", False)
@@ -510,22 +528,40 @@ class SubspaceBackend(_CertifiedBackend):
 
 
 class AutoBackend(SubspaceBackend):
-    """Chooses per matrix and step: ``"gram"`` while the matrix's block (rank plus margin)
-    is more than ``max_ratio`` of its smaller side, after a fallback, at refresh time and for
-    the first step; ``"subspace"`` otherwise. Options as :class:`SubspaceBackend`."""
+    """Chooses per matrix and step: ``"exact"`` for matrices whose smaller side is below
+    ``min_size`` (the SVD is then cheaper than any bookkeeping); while the matrix's block
+    (rank plus margin) is more than ``max_ratio`` of its smaller side, after a fallback, at
+    refresh time and for the first step, ``"gram"`` when the matrix is at least
+    ``gram_aspect`` times as long as it is wide (the Gram matrix is then the cheap side) and
+    ``"exact"`` otherwise; ``"subspace"`` in the remaining (low-rank) case. Other options as
+    :class:`SubspaceBackend`."""
 
     name = "auto"
     _refresh_method = "gram"
 
-    def __init__(self, tol: float = 1e-4, *, max_ratio: float = 0.4, **options: Any) -> None:
+    def __init__(
+        self,
+        tol: float = 1e-4,
+        *,
+        max_ratio: float = 0.4,
+        min_size: int = 160,
+        gram_aspect: float = 2.0,
+        **options: Any,
+    ) -> None:
         super().__init__(tol, **options)
         _check_positive(max_ratio, "max_ratio")
-        self.max_ratio = float(max_ratio)
+        _check_positive(min_size, "min_size", integer=True)
+        _check_positive(gram_aspect, "gram_aspect")
+        self.max_ratio, self.min_size, self.gram_aspect = float(max_ratio), min_size, gram_aspect
 
-    def _plan(self, state: dict[str, Any], m: int) -> str:
-        method = super()._plan(state, m)
+    def _plan(self, state: dict[str, Any], m: int, n: int) -> str:
+        if m < self.min_size:
+            return "exact"
+        method = super()._plan(state, m, n)
         if method == "subspace" and state["basis"].shape[-1] > self.max_ratio * m:
-            return "gram"
+            method = "gram"
+        if method == "gram" and n < self.gram_aspect * m:
+            return "exact"
         return method
 
 

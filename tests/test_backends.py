@@ -17,6 +17,11 @@ from proxrank.functional import prox_step, svt
 FAST = ("gram", "subspace", "auto")
 
 
+def make(name: str):
+    """A backend by name; ``auto`` without its small-matrix shortcut to the exact SVD."""
+    return AutoBackend(min_size=1) if name == "auto" else get_backend(name)
+
+
 def spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
     """float64 ``m x n`` matrix with singular values ``s`` (padded with zeros)."""
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +60,7 @@ def test_fast_backends_agree_with_exact_within_bound(m, n, rank_frac, gap, dtype
         s = 3 * torch.rand(k, generator=g)
     s = s.double().sort(descending=True).values
     Y0 = spectrum_matrix(m, n, s, seed)
-    backend, state = get_backend(name), {}
+    backend, state = make(name), {}
     for step in range(3):  # the first step builds the basis, later ones are warm
         Y = drift(Y0, 1e-3, seed + step)
         res = prox_step(Y.to(dtype), cutoff, backend=backend, state=state)
@@ -95,11 +100,14 @@ def test_subspace_is_used_and_certified_on_a_warm_low_rank_matrix():
 
 
 def test_auto_uses_gram_when_full_rank_and_subspace_when_low_rank():
-    auto = AutoBackend()
-    full = spectrum_matrix(40, 50, torch.linspace(9, 2, 40).double(), 0)
+    auto = AutoBackend(min_size=1)
+    full = spectrum_matrix(30, 80, torch.linspace(9, 2, 30).double(), 0)
     state = warm_state(auto, full, 1.0)
     prox_step(full, 1.0, backend=auto, state=state)
     assert state["backend"] == "gram"
+    square = spectrum_matrix(40, 40, torch.linspace(9, 2, 40).double(), 0)
+    state = warm_state(auto, square, 1.0)
+    assert state["backend"] == "exact"
     low = low_rank_plus_noise(seed=3)
     state = warm_state(auto, low, 1.0)
     prox_step(drift(low, 1e-6, 2), 1.0, backend=auto, state=state)
@@ -144,9 +152,9 @@ def test_tol_controls_the_fallback():
 def test_batched_equals_unbatched(name):
     mats = [drift(low_rank_plus_noise(seed=s), 0, 0) for s in range(3)]
     cut = torch.tensor([1.0, 0.8, 1.2], dtype=torch.float64)
-    single = [get_backend(name) for _ in mats]
+    single = [make(name) for _ in mats]
     states_1 = [warm_state(b, Y, c.item()) for b, Y, c in zip(single, mats, cut, strict=True)]
-    batched = get_backend(name)
+    batched = make(name)
     states_b = [{} for _ in mats]
     prox_step(torch.stack(mats), cut, backend=batched, state=states_b)
     for step in range(2):
@@ -163,8 +171,8 @@ def test_batched_equals_unbatched(name):
 def test_tall_and_wide_give_the_same_prox():
     Y = low_rank_plus_noise(40, 90)
     for name in FAST:
-        a = prox_step(Y, 1.0, backend=get_backend(name), state={}).X
-        b = prox_step(Y.T.contiguous(), 1.0, backend=get_backend(name), state={}).X
+        a = prox_step(Y, 1.0, backend=make(name), state={}).X
+        b = prox_step(Y.T.contiguous(), 1.0, backend=make(name), state={}).X
         assert torch.allclose(a, b.T, atol=1e-10)
 
 
@@ -184,6 +192,7 @@ def test_shape_change_raises_clearly():
         ({"refresh": 1.5}, "refresh"),
         ({"power": -1}, "power"),
         ({"max_ratio": -0.1}, "max_ratio"),
+        ({"min_size": 0}, "min_size"),
     ],
 )
 def test_bad_options_raise(kwargs, match):
@@ -212,7 +221,8 @@ def train(opt: proxrank.ProxRank, model: torch.nn.Module, steps: int, seed: int 
         opt.step()
 
 
-def build(model, backend="auto", **kw) -> proxrank.ProxRank:
+def build(model, backend=None, **kw) -> proxrank.ProxRank:
+    backend = AutoBackend(min_size=1) if backend is None else backend
     base = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return proxrank.ProxRank(base, model, lam=20.0, backend=backend, **kw)
 
@@ -266,10 +276,16 @@ def test_loading_into_a_resized_parameter_raises_and_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))
 
 
+def test_small_matrices_go_to_the_exact_svd_under_auto():
+    state = warm_state(AutoBackend(), low_rank_plus_noise(), 1.0)
+    assert state["backend"] == "exact"
+
+
 def test_optimizer_tol_and_backend_options():
     assert build(make_model(), "gram", tol=1e-3).backend.tol == 1e-3
+    assert isinstance(build(make_model(), "auto").backend, AutoBackend)
     with pytest.raises(ValueError, match="tol"):
-        build(make_model(), tol=-1.0)
+        build(make_model(), "auto", tol=-1.0)
     with pytest.raises(ValueError, match="backend"):
         build(make_model(), "svd")
 
