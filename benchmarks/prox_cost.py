@@ -188,7 +188,7 @@ def encoder_run(d: int, layers: int, steps: int, lam: float, lr: float) -> dict:
         entry["auto_backends"] = [s["backend"] for s in states]
         entry["auto_fallbacks"] = sum(bool(s.get("fallback")) for s in states)
         entry["auto_max_rel_bound"] = max(
-            float(s["error_bound"]) / float(t.param.detach().float().norm())
+            float(s["error_bound"]) / max(float(t.param.detach().float().norm()), 1e-30)
             for s, t in zip(states, runs["auto"].opt._targets, strict=True)
         )
         log.append(entry)
@@ -241,7 +241,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=60, help="encoder training steps")
-    ap.add_argument("--lam", type=float, default=100.0)
+    ap.add_argument("--lam", type=float, default=40.0)
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-encoder", action="store_true")
     ap.add_argument("--out", default="bench-results/prox_cost.json")
@@ -260,11 +260,14 @@ def main() -> None:
         ]
         fracs, d, layers, steps = [0.05, 0.25, 1.0], 384, 4, args.steps
     result: dict = {"machine": info}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_sweep:
         print(
             "\nper-step prox time (median), cutoff 1, warm state; err = relative to float64 exact"
         )
         result["sweep"] = sweep(shapes, fracs, args.reps, err_max=1024)
+        out.write_text(json.dumps(result, indent=1))
     if not args.skip_encoder:
         print(f"\nencoder {layers}x d={d}, batch 16x128, AdamW; exact and auto side by side")
         result["encoder"] = enc = encoder_run(d, layers, steps, args.lam, 1e-3)
@@ -280,8 +283,6 @@ def main() -> None:
         print(
             f"final weights, auto vs exact: {enc['summary']['final_weights_rel_diff']:.2e} relative"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out}")
 

@@ -518,11 +518,7 @@ class SubspaceBackend(_CertifiedBackend):
         self.iterations, self.refresh, self.probes, self.power = iterations, refresh, probes, power
 
     def _plan(self, state: dict[str, Any], m: int, n: int) -> str:
-        if (
-            state.get("basis") is None
-            or state.get("fallback", False)
-            or state.get("since_refresh", 0) >= self.refresh
-        ):
+        if state.get("basis") is None or state.get("since_refresh", 0) >= self.refresh:
             return self._refresh_method
         return "subspace"
 
