@@ -15,9 +15,11 @@ Backends (``backend=`` of :class:`proxrank.ProxRank`):
     ``G = U diag(s^2) U^T`` and ``V^T = diag(1/s) U^T Y``.
 ``"subspace"``
     warm-started subspace iteration: the basis ``Q`` (``m x k``) kept from the previous step
-    gives Ritz triplets of ``Q^T Y`` (Rayleigh-Ritz), and ``orth(Y Y^T Q U_c)`` (one block power
-    step) becomes the next step's basis. The block grows when every Ritz value is above the
-    cutoff and shrinks when many are below; every ``refresh`` steps it is rebuilt exactly.
+    gives Ritz triplets of ``Q^T Y`` (Rayleigh-Ritz), and ``Y Y^T Q U_c`` (one block power step)
+    becomes the next step's basis. A matrix whose certificate fails gets another Rayleigh-Ritz
+    round from that power-iterated basis (``iterations`` rounds at most, then the exact SVD).
+    The block grows when every Ritz value is above the cutoff and shrinks when many are below;
+    every ``refresh`` steps it is rebuilt exactly.
 ``"auto"``
     per matrix and step: while the matrix is (nearly) full rank or has no basis yet,
     ``"gram"`` for oblong matrices (long side at least twice the short one) and ``"exact"`` for
@@ -49,10 +51,11 @@ records ``backend="exact"`` and ``fallback=True``). The hard threshold is not no
 there the bound is the Ritz residual, and the prox error can exceed it by the Wedin factor
 ``1 + 2 s_1 / gap``.
 
-A call decides, for a whole batch, with one host synchronisation (a second one only when a
-fallback happens): no per-matrix ``.item()``. Per matrix, ``state`` records ``"backend"``
-(the method used), ``"error_bound"`` (a 0-dim tensor), ``"rank"`` (number of returned
-triplets), and for ``"subspace"``/``"auto"`` the basis ``"basis"`` and ``"shape"``.
+A call decides, for a whole batch, with one host synchronisation per round (a second one only
+when some matrix needs another round or the exact fallback): no per-matrix ``.item()``.
+Per matrix, ``state`` records ``"backend"`` (the method used), ``"error_bound"`` (a 0-dim
+tensor), ``"rank"`` (number of returned triplets), ``"fallback"``, ``"rounds"``, and for
+``"subspace"``/``"auto"`` the basis ``"basis"`` and ``"shape"``.
 """
 
 from __future__ import annotations
