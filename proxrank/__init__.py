@@ -8,7 +8,14 @@ that pushes each weight matrix toward low rank (singular value thresholding)::
 """
 
 from . import functional
-from .backends import Backend, ExactBackend, SVDResult
+from .backends import (
+    AutoBackend,
+    Backend,
+    ExactBackend,
+    GramBackend,
+    SubspaceBackend,
+    SVDResult,
+)
 from .budget import Allocation, allocate_ranks
 from .compress import LayerCompression, compress
 from .diagnostics import (
@@ -44,6 +51,7 @@ __all__ = [
     "ActivationMetric",
     "AdamMetric",
     "Allocation",
+    "AutoBackend",
     "Backend",
     "CSVLogger",
     "ConvergenceRule",
@@ -53,6 +61,7 @@ __all__ = [
     "FactorizeSummary",
     "Factorized",
     "FisherMetric",
+    "GramBackend",
     "HardThreshold",
     "JSONLinesLogger",
     "LayerCompression",
@@ -66,6 +75,7 @@ __all__ = [
     "SVDResult",
     "Schedule",
     "SoftThreshold",
+    "SubspaceBackend",
     "Target",
     "TensorBoardLogger",
     "TwoSidedMetric",

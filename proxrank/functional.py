@@ -16,12 +16,12 @@ Half-precision inputs are computed in float32 and returned in their own dtype.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .backends import Backend, ExactBackend, SVDResult, compute_dtype
+from .backends import Backend, ExactBackend, State, SVDResult, compute_dtype
 from .prox import HardThreshold, ProxMap, SoftThreshold
 
 __all__ = [
@@ -121,13 +121,14 @@ def prox_step(
     tau: float | Tensor,
     prox: ProxMap | None = None,
     backend: Backend | None = None,
-    state: dict[str, Any] | None = None,
+    state: State | None = None,
 ) -> ProxResult:
     """Apply a thresholding prox map to ``Y`` through ``backend``.
 
     ``Y`` must already be in its compute dtype (float32 or float64). Returns ``X`` together with
     the singular triplets the backend computed, so that callers (diagnostics, schedules) reuse
-    them instead of decomposing again.
+    them instead of decomposing again. ``state``: the backend's memory, a dict, or one dict
+    per matrix for a batch (see :class:`proxrank.backends.Backend`).
     """
     prox = SoftThreshold() if prox is None else prox
     backend = ExactBackend() if backend is None else backend

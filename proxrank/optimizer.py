@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import Backend, compute_dtype, get_backend
+from .backends import Backend, SVDResult, compute_dtype, get_backend
 from .diagnostics import Diagnostics, ModelDiagnostics
 from .functional import ProxResult, prox_step
 from .metrics import InputHooks, Metric, Weighting, get_metric
@@ -41,6 +41,16 @@ class _Job:
     weighting: Weighting | None = None
     #: The group's learning rate at this step (diagnostics: the gradient mapping).
     lr: float = math.nan
+
+
+def _unbatch(result: ProxResult, i: int, transposed: bool) -> ProxResult:
+    """Matrix ``i`` of a batched :class:`ProxResult`, transposed back when it was transposed."""
+    svd = result.svd
+    U, S, Vh, bound = svd.U[i], svd.S[i], svd.Vh[i], svd.error_bound[i]
+    X = result.X[i]
+    if transposed:
+        X, U, Vh = X.mT, Vh.mT, U.mT
+    return ProxResult(X, SVDResult(U, S, Vh, bound), result.S_new[i])
 
 
 def _check_lam(value: Any, where: str) -> float:
@@ -81,7 +91,13 @@ class ProxRank(Optimizer):
         include: name patterns or module types that replace the default selection (weights of
             ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
         exclude: name patterns or module types removed from the selection.
-        backend: how singular triplets are computed (``"exact"``: full ``torch.linalg.svd``).
+        backend: how singular triplets are computed: ``"auto"`` (default; per matrix
+            ``"gram"`` or ``"subspace"`` from its rank ratio), ``"exact"`` (full
+            ``torch.linalg.svd``), ``"gram"``, ``"subspace"``, or a
+            :class:`proxrank.backends.Backend`; see :mod:`proxrank.backends`.
+        tol: relative error bound of the fast backends (default ``1e-4``): a matrix whose
+            certified bound exceeds ``tol * ||W||_F`` is recomputed with the exact SVD. Applies
+            to backends given by name.
         check_finite: raise before anything changes when a selected weight or its gradient is
             not finite (one device synchronisation per step).
         metric: the metric the prox is taken in (:mod:`proxrank.metrics`): ``"euclidean"``
@@ -115,7 +131,8 @@ class ProxRank(Optimizer):
         prox: str | ProxMap = "soft",
         include: Selector | Sequence[Selector] | None = None,
         exclude: Selector | Sequence[Selector] | None = None,
-        backend: str | Backend = "exact",
+        backend: str | Backend = "auto",
+        tol: float | None = None,
         check_finite: bool = True,
         metric: str | Metric = "euclidean",
         schedule: Schedule | None = None,
@@ -144,7 +161,7 @@ class ProxRank(Optimizer):
             "prox": prox if isinstance(prox, ProxMap) else prox_map.name,
             "metric": metric if isinstance(metric, Metric) else get_metric(metric).name,
         }
-        self.backend = get_backend(backend)
+        self.backend = get_backend(backend, tol=tol)
         self.check_finite = bool(check_finite)
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
@@ -393,34 +410,49 @@ class ProxRank(Optimizer):
         return jobs
 
     def _batches(self, jobs: list[_Job]) -> Iterable[list[_Job]]:
-        """Jobs computed together in one backend call (one matrix per call for now)."""
-        return ([job] for job in jobs)
-
-    def _prox(self, W: Tensor, job: _Job) -> ProxResult:
-        """``W``'s prox in the job's metric: threshold ``tau``, or the spectrum's own threshold
-        for a rank target. ``X`` is in ``W``'s coordinates; the triplets are those of the
-        weighted matrix ``A^{1/2} W B^{1/2}``."""
-        Y = W if job.weighting is None else job.weighting.to_metric(W)
-        if job.rank is None:
-            result = prox_step(Y, job.tau, job.prox, self.backend, job.state)
-        else:
-            result = rank_prox_step(Y, job.rank, job.prox, self.backend, job.state)
-        if job.weighting is None:
-            return result
-        return result._replace(X=job.weighting.from_metric(result.X))
+        """Jobs computed together in one batched backend call: same prox map (so same param
+        group), same rank target (or none), same matrix shape up to transposition, dtype and
+        device."""
+        batches: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            p = job.param
+            m, n = p.shape[0], p.numel() // p.shape[0]
+            key = (id(job.prox), job.rank, min(m, n), max(m, n), p.dtype, p.device)
+            batches.setdefault(key, []).append(job)
+        return batches.values()
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        """Prox every matrix of ``batch`` (in float32 for half-precision weights) and write it
-        back in the weight's dtype; each weight is written whole, once."""
+        """Prox every matrix of ``batch`` in one backend call and write each back in its
+        weight's dtype, whole, once.
+
+        Each weight ``W`` (in float32 for half precision) is mapped into its metric,
+        ``Y = A^{1/2} W B^{1/2}``, tall matrices are transposed so that the batch shares one
+        shape, and the result is mapped back. The threshold is ``tau`` per matrix, or the
+        spectrum's own for a rank target."""
+        Ws, Ys = [], []
         for job in batch:
             p = job.param
             W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-            result = self._prox(W, job)
+            Y = W if job.weighting is None else job.weighting.to_metric(W)
+            Ws.append(W)
+            Ys.append(Y.mT if Y.shape[0] > Y.shape[1] else Y)
+        Y = torch.stack(Ys)
+        states = [job.state for job in batch]
+        first = batch[0]
+        if first.rank is None:
+            tau = torch.tensor([job.tau for job in batch], dtype=Y.dtype, device=Y.device)
+            result = prox_step(Y, tau, first.prox, self.backend, states)
+        else:
+            result = rank_prox_step(Y, first.rank, first.prox, self.backend, states)
+        for i, (job, W) in enumerate(zip(batch, Ws, strict=True)):
+            mine = _unbatch(result, i, transposed=W.shape[0] > W.shape[1])
+            if job.weighting is not None:
+                mine = mine._replace(X=job.weighting.from_metric(mine.X))
             if self.tracker is not None:  # before the write-back: W may share p's storage
-                self.tracker.record(job, W, result)
-            p.copy_(result.X.reshape(p.shape))
+                self.tracker.record(job, W, mine)
+            job.param.copy_(mine.X.reshape(job.param.shape))
             if self.schedule is not None:  # the rank a schedule freezes at
-                job.state["rank"] = int((result.S_new > 0).sum())
+                job.state["rank"] = int((mine.S_new > 0).sum())
 
     # -- diagnostics ---------------------------------------------------------------------
     def _require_tracker(self) -> Diagnostics:

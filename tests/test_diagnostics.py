@@ -227,10 +227,13 @@ class TopKBackend(Backend):
     name = "topk"
 
     def svd(self, Y, cutoff, state, min_rank=0):
+        """The optimizer calls backends on a batch ``(b, m, n)`` with one state dict each."""
         U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
-        k = max(int((S > cutoff).sum()), min_rank, 1)
-        state["backend"], state["error_bound"] = "topk-test", 0.25
-        return SVDResult(U[:, :k], S[:k], Vh[:k], torch.zeros((), dtype=Y.dtype))
+        k = max(int((S > cutoff.unsqueeze(-1)).sum(-1).max()), min_rank, 1)
+        for entry in state:
+            entry["backend"], entry["error_bound"] = "topk-test", 0.25
+        bound = torch.zeros(Y.shape[:-2], dtype=Y.dtype)
+        return SVDResult(U[..., :k], S[..., :k], Vh[..., :k, :], bound)
 
 
 def test_partial_backend_state_and_full_spectrum_on_request():
@@ -468,8 +471,8 @@ def test_realised_step_when_the_prox_returns_its_input(monkeypatch):
     from proxrank.functional import ProxResult
 
     def identity_prox(Y, tau, prox=None, backend=None, state=None):
-        S = torch.linalg.svdvals(Y)
-        return ProxResult(Y, SVDResult(None, S, None, torch.zeros(())), S)
+        U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+        return ProxResult(Y, SVDResult(U, S, Vh, torch.zeros(Y.shape[:-2])), S)
 
     monkeypatch.setattr(optimizer_module, "prox_step", identity_prox)
     w = torch.nn.Parameter(torch.ones(3, 2))

@@ -326,8 +326,12 @@ def test_per_group_metric():
     assert len(model[0]._forward_pre_hooks) == 1 and len(model[2]._forward_pre_hooks) == 0
     model(torch.randn(5, 4)).pow(2).sum().backward()
     opt.step()
-    assert set(opt._target_state[id(model[0].weight)]) == {"activation", "activation_count"}
-    assert set(opt._target_state[id(model[2].weight)]) == {"fisher", "fisher_count"}
+
+    def metric_keys(param):  # the backend keeps its own entries beside the statistics
+        return {k for k in opt._target_state[id(param)] if k.startswith(("activation", "fisher"))}
+
+    assert metric_keys(model[0].weight) == {"activation", "activation_count"}
+    assert metric_keys(model[2].weight) == {"fisher", "fisher_count"}
 
 
 # -- training and resume ------------------------------------------------------------------------
@@ -393,7 +397,10 @@ def test_resume_is_exact(metric):
         )
         assert s.keys() == s_b.keys()
         for k in s:
-            assert torch.equal(torch.as_tensor(s[k]), torch.as_tensor(s_b[k]))
+            if isinstance(s[k], torch.Tensor):
+                assert torch.equal(s[k], s_b[k])
+            else:
+                assert s[k] == s_b[k]
 
 
 def test_state_dict_holds_the_fisher_statistics():

@@ -1,0 +1,300 @@
+"""Backends: agreement with the exact prox within the certified bound, fallback, state."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import proxrank
+from proxrank.backends import AutoBackend, GramBackend, SubspaceBackend, get_backend
+from proxrank.functional import prox_step, svt
+
+FAST = ("gram", "subspace", "auto")
+
+
+def make(name: str):
+    """A backend by name; ``auto`` without its small-matrix shortcut to the exact SVD."""
+    return AutoBackend(min_size=1) if name == "auto" else get_backend(name)
+
+
+def spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
+    """float64 ``m x n`` matrix with singular values ``s`` (padded with zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    full = torch.zeros(k, dtype=torch.float64)
+    full[: len(s)] = s[:k]
+    return (U * full) @ V.T
+
+
+def drift(Y: torch.Tensor, size: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return Y + size * torch.randn(Y.shape, generator=g, dtype=Y.dtype)
+
+
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(2, 36),
+    n=st.integers(2, 36),
+    rank_frac=st.floats(0.0, 1.0),
+    gap=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    name=st.sampled_from(FAST),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_backends_agree_with_exact_within_bound(m, n, rank_frac, gap, dtype, name, seed):
+    k = min(m, n)
+    r = round(rank_frac * k)
+    cutoff = 1.0
+    g = torch.Generator().manual_seed(seed)
+    if gap:  # kept values well above the cutoff, the rest well below
+        s = torch.cat([2 + 3 * torch.rand(r, generator=g), 0.5 * torch.rand(k - r, generator=g)])
+    else:  # values spread through the cutoff
+        s = 3 * torch.rand(k, generator=g)
+    s = s.double().sort(descending=True).values
+    Y0 = spectrum_matrix(m, n, s, seed)
+    backend, state = make(name), {}
+    for step in range(3):  # the first step builds the basis, later ones are warm
+        Y = drift(Y0, 1e-3, seed + step)
+        res = prox_step(Y.to(dtype), cutoff, backend=backend, state=state)
+        ref = svt(Y, cutoff)
+        err = torch.linalg.matrix_norm(res.X.double() - ref).item()
+        bound = res.svd.error_bound.item()
+        slack = 200 * torch.finfo(dtype).eps * max(m, n) * Y.norm().item()
+        assert bound <= 1e-4 * Y.norm().item() + slack  # certified or redone exactly
+        assert err <= bound + slack
+        assert state["backend"] in ("exact", "gram", "subspace")
+        exact_above = int((torch.linalg.svdvals(Y) > cutoff * (1 + 1e-6)).sum())
+        assert int((res.svd.S > cutoff).sum()) >= exact_above
+
+
+def warm_state(backend, Y: torch.Tensor, cutoff: float) -> dict:
+    state: dict = {}
+    prox_step(Y, cutoff, backend=backend, state=state)
+    return state
+
+
+def low_rank_plus_noise(m=60, n=80, r=6, seed=0) -> torch.Tensor:
+    s = torch.cat([torch.linspace(8, 3, r), torch.full((min(m, n) - r,), 0.3)]).double()
+    return spectrum_matrix(m, n, s, seed)
+
+
+def test_subspace_is_used_and_certified_on_a_warm_low_rank_matrix():
+    Y = low_rank_plus_noise()
+    backend = SubspaceBackend(iterations=2)
+    state = warm_state(backend, Y, 1.0)
+    assert state["backend"] == "exact" and state["basis"].shape == (60, 6 + 8)
+    Y2 = drift(Y, 1e-4, 1)
+    res = prox_step(Y2, 1.0, backend=backend, state=state)
+    assert state["backend"] == "subspace" and not state["fallback"]
+    bound = res.svd.error_bound.item()
+    assert 0 < bound <= 1e-4 * Y2.norm().item()
+    assert torch.linalg.matrix_norm(res.X - svt(Y2, 1.0)) <= bound
+
+
+def test_auto_uses_gram_when_full_rank_and_subspace_when_low_rank():
+    auto = AutoBackend(min_size=1)
+    full = spectrum_matrix(30, 80, torch.linspace(9, 2, 30).double(), 0)
+    state = warm_state(auto, full, 1.0)
+    prox_step(full, 1.0, backend=auto, state=state)
+    assert state["backend"] == "gram"
+    square = spectrum_matrix(40, 40, torch.linspace(9, 2, 40).double(), 0)
+    state = warm_state(auto, square, 1.0)
+    assert state["backend"] == "exact"
+    low = low_rank_plus_noise(seed=3)
+    state = warm_state(auto, low, 1.0)
+    prox_step(drift(low, 1e-6, 2), 1.0, backend=auto, state=state)
+    assert state["backend"] == "subspace"
+
+
+def test_fallback_when_the_warm_basis_misses_the_top_directions():
+    Y = low_rank_plus_noise()
+    backend = SubspaceBackend(iterations=1)
+    state = warm_state(backend, Y, 1.0)
+    U = torch.linalg.svd(Y).U
+    state["basis"] = U[:, -state["basis"].shape[-1] :].clone()  # orthogonal to the signal
+    res = prox_step(Y, 1.0, backend=backend, state=state)
+    assert state["backend"] == "exact" and state["fallback"]
+    assert res.svd.error_bound.item() == 0
+    assert torch.allclose(res.X, svt(Y, 1.0), atol=1e-10)
+    # the exact fallback rebuilt the basis: the next step is fast again
+    prox_step(Y, 1.0, backend=backend, state=state)
+    assert state["backend"] == "subspace" and not state["fallback"]
+
+
+def test_uncertifiable_tail_gives_infinite_bound_and_exact_result():
+    # a flat spectrum right at the cutoff: a small block cannot certify ||E22|| <= cutoff
+    Y = spectrum_matrix(50, 50, torch.full((50,), 1.0).double() + 1e-3 * torch.arange(50), 4)
+    backend = SubspaceBackend(iterations=1)
+    state = {"basis": torch.eye(50, 5, dtype=torch.float64), "shape": (50, 50)}
+    res = prox_step(Y, 1.02, backend=backend, state=state)
+    assert state["fallback"] and state["backend"] == "exact"
+    assert torch.allclose(res.X, svt(Y, 1.02), atol=1e-10)
+
+
+def test_tol_controls_the_fallback():
+    Y = low_rank_plus_noise()
+    strict, loose = SubspaceBackend(tol=1e-14), SubspaceBackend(tol=1.0)
+    for backend, fell_back in ((strict, True), (loose, False)):
+        state = warm_state(backend, Y, 1.0)
+        prox_step(drift(Y, 1e-2, 5), 1.0, backend=backend, state=state)
+        assert state["fallback"] is fell_back
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_batched_equals_unbatched(name):
+    mats = [drift(low_rank_plus_noise(seed=s), 0, 0) for s in range(3)]
+    cut = torch.tensor([1.0, 0.8, 1.2], dtype=torch.float64)
+    single = [make(name) for _ in mats]
+    states_1 = [warm_state(b, Y, c.item()) for b, Y, c in zip(single, mats, cut, strict=True)]
+    batched = make(name)
+    states_b = [{} for _ in mats]
+    prox_step(torch.stack(mats), cut, backend=batched, state=states_b)
+    for step in range(2):
+        Ys = [drift(Y, 1e-5, step) for Y in mats]
+        one = [
+            prox_step(Y, c, backend=b, state=s).X
+            for Y, c, b, s in zip(Ys, cut, single, states_1, strict=True)
+        ]
+        many = prox_step(torch.stack(Ys), cut, backend=batched, state=states_b).X
+        assert torch.allclose(many, torch.stack(one), atol=1e-9)
+        assert [s["backend"] for s in states_b] == [s["backend"] for s in states_1]
+
+
+def test_tall_and_wide_give_the_same_prox():
+    Y = low_rank_plus_noise(40, 90)
+    for name in FAST:
+        a = prox_step(Y, 1.0, backend=make(name), state={}).X
+        b = prox_step(Y.T.contiguous(), 1.0, backend=make(name), state={}).X
+        assert torch.allclose(a, b.T, atol=1e-10)
+
+
+def test_shape_change_raises_clearly():
+    backend = AutoBackend()
+    state = warm_state(backend, low_rank_plus_noise(), 1.0)
+    with pytest.raises(ValueError, match="changed shape"):
+        prox_step(low_rank_plus_noise(61, 80), 1.0, backend=backend, state=state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tol": 0}, "tol"),
+        ({"tol": math.nan}, "tol"),
+        ({"iterations": 0}, "iterations"),
+        ({"refresh": 1.5}, "refresh"),
+        ({"power": -1}, "power"),
+        ({"max_ratio": -0.1}, "max_ratio"),
+        ({"min_size": 0}, "min_size"),
+    ],
+)
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoBackend(**kwargs)
+
+
+def test_state_must_match_the_batch():
+    with pytest.raises(ValueError, match="sequence of 2 dicts"):
+        prox_step(torch.randn(2, 5, 5), 0.1, backend=GramBackend(), state=[{}])
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(24, 48), torch.nn.Tanh(), torch.nn.Linear(48, 24), torch.nn.Linear(24, 48)
+    )
+
+
+def train(opt: proxrank.ProxRank, model: torch.nn.Module, steps: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 24, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def build(model, backend=None, **kw) -> proxrank.ProxRank:
+    backend = AutoBackend(min_size=1) if backend is None else backend
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return proxrank.ProxRank(base, model, lam=20.0, backend=backend, **kw)
+
+
+def test_optimizer_auto_matches_exact_and_records_diagnostics():
+    m_auto, m_exact = make_model(), make_model()
+    o_auto, o_exact = build(m_auto), build(m_exact, "exact")
+    train(o_auto, m_auto, 8)
+    train(o_exact, m_exact, 8)
+    for a, b in zip(m_auto.parameters(), m_exact.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    states = list(o_auto._target_state.values())
+    assert {s["backend"] for s in states} <= {"gram", "subspace", "exact"}
+    assert all(float(s["error_bound"]) <= 1e-4 * 50 for s in states)
+
+
+def test_bases_survive_state_dict_round_trip():
+    model = make_model()
+    opt = build(model)
+    train(opt, model, 6)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    clone = make_model()
+    clone.load_state_dict(saved["model"])
+    opt2 = build(clone)
+    opt2.load_state_dict(saved["opt"])
+    for a, b in zip(opt._target_state.values(), opt2._target_state.values(), strict=True):
+        assert a.keys() == b.keys()
+        if "basis" in a:
+            assert torch.equal(a["basis"], b["basis"])
+    train(opt, model, 3, seed=1)
+    train(opt2, clone, 3, seed=1)
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loading_into_a_resized_parameter_raises_and_changes_nothing():
+    model = make_model()
+    opt = build(model)
+    train(opt, model, 2)
+    sd = opt.state_dict()
+    other = torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24), torch.nn.Linear(24, 48)
+    )
+    opt2 = build(other)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match="shape"):
+        opt2.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters(), strict=True))
+
+
+def test_small_matrices_go_to_the_exact_svd_under_auto():
+    state = warm_state(AutoBackend(), low_rank_plus_noise(), 1.0)
+    assert state["backend"] == "exact"
+
+
+def test_optimizer_tol_and_backend_options():
+    assert build(make_model(), "gram", tol=1e-3).backend.tol == 1e-3
+    assert isinstance(build(make_model(), "auto").backend, AutoBackend)
+    with pytest.raises(ValueError, match="tol"):
+        build(make_model(), "auto", tol=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        build(make_model(), "svd")
+
+
+def test_half_precision_weights_use_a_float32_prox():
+    model = make_model().to(torch.bfloat16)
+    opt = build(model)
+    train_x = torch.randn(8, 24, dtype=torch.bfloat16)
+    opt.zero_grad()
+    model(train_x).float().square().mean().backward()
+    opt.step()
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
