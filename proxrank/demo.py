@@ -338,10 +338,14 @@ def train(
         order = torch.randperm(len(X))
         for i in range(batches):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            loss = loss_fn(model(X[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+
+            def closure(idx: Tensor = idx) -> Tensor:  # the loss reaches the diagnostics
+                opt.zero_grad()
+                loss = loss_fn(model(X[idx]), y[idx])
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure)
             if isinstance(opt, ProxRank) and i == batches - 1:
                 layers = opt.diagnostics().layers
                 ranks = {"ranks": "/".join(str(lay.rank) for lay in layers) or "-"}
