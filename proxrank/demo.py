@@ -4,55 +4,109 @@ On scikit-learn's handwritten digits (1797 8x8 images, 10 classes; they ship wit
 nothing is downloaded) the demo
 
 1. trains a dense baseline with AdamW,
-2. trains the same network with AdamW wrapped in :class:`proxrank.ProxRank`, recording every
-   selected layer's rank and singular values as it goes,
+2. trains the same network with AdamW wrapped in :class:`proxrank.ProxRank` with diagnostics
+   on (:class:`proxrank.Diagnostics`: every prox step records each layer's rank and spectrum)
+   and prints the per-layer diagnostics report and the convergence verdict,
 3. factorizes the ProxRank model with :func:`proxrank.factorize` (optionally fine-tunes the
    factors for a few epochs),
 4. prints a before/after table and writes a report folder: ``model.pt`` (the compressed model,
    ``torch.load(path, weights_only=False)``), ``summary.json``, ``ranks.png`` (rank
-   trajectories) and ``spectra.png`` (singular values, dense baseline vs ProxRank).
+   trajectories) and ``spectra.png`` (singular values after the last prox vs the dense
+   baseline's).
+
+Strength: ``--lam`` (``tau = lam * lr`` at every step), or ``--budget`` (a rank ramp to a
+global parameter budget, ``proxrank.Schedule(budget=...)``); ``--metric`` picks the metric of
+the prox (the convolutions, which ``activation``/``two_sided`` cannot weight, fall back to
+``euclidean``/``fisher``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .factorize import FactorizeSummary, default_rtol, factorize, numerical_rank
+from .diagnostics import Diagnostics, ModelDiagnostics, _nan_to_none
+from .factorize import FactorizeSummary, factorize
 from .optimizer import ProxRank
+from .schedules import Schedule
 
-__all__ = ["add_arguments", "main", "run"]
+__all__ = ["add_arguments", "prepare", "run"]
 
 #: Settings ``--quick`` uses (a few seconds, for tests and smoke runs).
 QUICK = {"epochs": 3, "finetune_epochs": 1}
+#: Metrics of ``--metric``; the input-based ones weight nn.Linear layers only, so the demo's
+#: convolutions get the nearest metric that needs no layer inputs (their own param group).
+METRICS = ("euclidean", "fisher", "adam", "activation", "two_sided")
+CONV_FALLBACK = {"activation": "euclidean", "two_sided": "fisher"}
+#: Rank tolerance of :func:`proxrank.factorize`: singular values below ``1e-5 s_1`` count as
+#: zero. The default (``eps sqrt(max(m, n))``, about ``3e-6`` here) fits the Euclidean prox, whose
+#: float32 output keeps trailing values near ``5e-8 s_1``; the input-weighted metrics write back
+#: ``A^{-1/2} Z B^{-1/2}`` and the ill-conditioned ``B = E[x x^T]`` lifts that rounding to about
+#: ``3e-6 s_1``, which the default would count as rank. Kept values stay far above (>= 1e-4 s_1).
+FACTORIZE_RTOL = 1e-5
+#: ``--budget`` defaults, as fractions of ``--epochs``: warm-up, then the rank ramp to the
+#: budget, then the remaining epochs at frozen ranks.
+WARMUP_FRACTION, RAMP_END_FRACTION = 1 / 6, 2 / 3
+
+
+def _number(kind: type, low: float, *, strict: bool = False, high: float | None = None) -> Callable:
+    """An argparse ``type``: ``kind`` in ``[low, high]`` (``(low, high]`` when ``strict``)."""
+    bound = f"{'>' if strict else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {kind.__name__} {bound}, got {text!r}"
+            ) from None
+        ok = (value > low if strict else value >= low) and (high is None or value <= high)
+        if not (ok and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's command-line options, in groups that other features extend."""
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=30, help="training epochs (%(default)s)")
-    train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (%(default)s)")
-    train.add_argument("--batch-size", type=int, default=64, help="batch size (%(default)s)")
+    train.add_argument(
+        "--epochs", type=_number(int, 1), default=30, help="training epochs (%(default)s)"
+    )
+    train.add_argument(
+        "--lr",
+        type=_number(float, 0, strict=True),
+        default=3e-3,
+        help="AdamW learning rate (%(default)s)",
+    )
+    train.add_argument(
+        "--batch-size", type=_number(int, 1), default=64, help="batch size (%(default)s)"
+    )
     train.add_argument(
         "--finetune-epochs",
-        type=int,
+        type=_number(int, 0),
         default=5,
         help="epochs of plain AdamW on the factorized model (%(default)s; 0: none)",
     )
     train.add_argument(
-        "--finetune-lr", type=float, default=3e-4, help="fine-tuning learning rate (%(default)s)"
+        "--finetune-lr",
+        type=_number(float, 0, strict=True),
+        default=3e-4,
+        help="fine-tuning learning rate (%(default)s)",
     )
     train.add_argument(
         "--threads",
-        type=int,
+        type=_number(int, 0),
         default=1,
         help="torch CPU threads (%(default)s: this network is too small to gain from more, and "
         "busy-waiting threads slow down badly on a shared machine; 0: torch's default)",
@@ -60,14 +114,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
     reg = parser.add_argument_group("regularizer")
     reg.add_argument(
-        "--lam", type=float, default=1.0, help="ProxRank strength lam, tau = lam * lr (%(default)s)"
+        "--lam",
+        type=_number(float, 0),
+        default=None,
+        help="ProxRank strength lam, tau = lam * lr (default 1.0; not with --budget, whose rank "
+        "ramp sets each threshold)",
     )
     reg.add_argument(
         "--prox",
         choices=("soft", "hard"),
         default="soft",
         help="soft: nuclear norm (shrinks the kept singular values); hard: rank penalty "
-        "(keeps them) (%(default)s)",
+        "(keeps them); with --budget, the ramp's threshold (%(default)s)",
+    )
+    reg.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="euclidean",
+        help="metric of the prox (%(default)s); activation and two_sided weight the Linear "
+        "layers, the convolutions then use "
+        + " and ".join(f"{v} ({k})" for k, v in CONV_FALLBACK.items()),
+    )
+    reg.add_argument(
+        "--backend",
+        default=None,
+        metavar="NAME",
+        help="SVD backend name passed to ProxRank (default: ProxRank's own default)",
+    )
+    sched = parser.add_argument_group(
+        "schedule", "a rank ramp to a global budget instead of a constant --lam"
+    )
+    sched.add_argument(
+        "--budget",
+        type=_number(float, 0, strict=True, high=1),
+        default=None,
+        metavar="RATIO",
+        help="size of the selected weight matrices after training, as a ratio of their dense "
+        "size (proxrank.Schedule(budget=RATIO); e.g. 0.2)",
+    )
+    sched.add_argument(
+        "--warmup",
+        type=_number(float, 0),
+        default=None,
+        metavar="EPOCHS",
+        help="epochs without prox (default: 0, or epochs/6 with --budget)",
+    )
+    sched.add_argument(
+        "--ramp-end",
+        type=_number(float, 0),
+        default=None,
+        metavar="EPOCHS",
+        help="with --budget: epoch at which the budget is reached; the ranks stay frozen "
+        "afterwards (default: 2 epochs/3)",
     )
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -79,6 +177,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a few-second run for tests ({', '.join(f'{k}={v}' for k, v in QUICK.items())})",
     )
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Apply ``--quick``, fill in the schedule defaults and check the options together (the
+    command line turns a ValueError into a usage error); builds a throwaway optimizer so that
+    ProxRank itself validates ``--backend``, ``--metric`` and the schedule before training."""
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.budget is None:
+        if args.ramp_end is not None:
+            raise ValueError("--ramp-end is the end of the rank ramp to --budget; add --budget")
+        args.lam = 1.0 if args.lam is None else args.lam
+        args.warmup = 0.0 if args.warmup is None else args.warmup
+    else:
+        if args.lam is not None:
+            raise ValueError(
+                "--lam has no effect with --budget (the rank ramp sets each threshold from the "
+                "spectrum); drop one of them"
+            )
+        if args.warmup is None:
+            args.warmup = WARMUP_FRACTION * args.epochs
+        if args.ramp_end is None:
+            args.ramp_end = max(RAMP_END_FRACTION * args.epochs, args.warmup)
+        if args.ramp_end < args.warmup:
+            raise ValueError(
+                f"--ramp-end {args.ramp_end:g} is before the end of --warmup {args.warmup:g}"
+            )
+    last = max(args.warmup, args.ramp_end or 0.0)
+    if last > args.epochs:
+        raise ValueError(
+            f"--warmup/--ramp-end ({last:g} epochs) must lie within --epochs {args.epochs}"
+        )
+    make_optimizer(build_cnn(), args, steps_per_epoch=1).close()
 
 
 # -- data and models ---------------------------------------------------------------------
@@ -117,31 +249,47 @@ def build_cnn() -> nn.Module:
 # -- training ----------------------------------------------------------------------------
 
 
-@dataclass
-class Recorder:
-    """Per-layer ranks after every step and singular values at the end of every epoch."""
+def make_schedule(args: argparse.Namespace, steps_per_epoch: int) -> Schedule | None:
+    """``--budget``/``--warmup``/``--ramp-end`` (in epochs) as a :class:`proxrank.Schedule`
+    (in optimizer steps); ``None`` without them."""
 
-    names: list[str]
-    params: list[Tensor]
-    ranks: dict[str, list[int]] = field(default_factory=dict)
-    spectra: dict[str, list[list[float]]] = field(default_factory=dict)
+    def steps(epochs: float) -> int:
+        return round(epochs * steps_per_epoch)
 
-    def labels(self) -> list[str]:
-        shapes = ("x".join(map(str, p.shape)) for p in self.params)
-        return [f"{n}: {shape}" for n, shape in zip(self.names, shapes, strict=True)]
+    if args.budget is not None:
+        return Schedule(
+            budget=args.budget,
+            warmup=steps(args.warmup),
+            ramp_end=steps(args.ramp_end),
+            threshold=args.prox,
+        )
+    return Schedule(warmup=steps(args.warmup)) if args.warmup else None
 
-    @torch.no_grad()
-    def singular_values(self) -> list[Tensor]:
-        return [
-            torch.linalg.svdvals(p.detach().reshape(p.shape[0], -1).float()) for p in self.params
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace, steps_per_epoch: int) -> ProxRank:
+    """AdamW wrapped in ProxRank with the options' strength, schedule, metric and backend, and
+    diagnostics on (a history long enough to keep every step of the run)."""
+    fallback = CONV_FALLBACK.get(args.metric)
+    if fallback is None:
+        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    else:
+        convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
+        params = list(model.parameters())
+        groups = [
+            {"params": [p for p in params if id(p) not in convs]},
+            {"params": [p for p in params if id(p) in convs], "metric": fallback},
         ]
-
-    def step(self, epoch_end: bool) -> None:
-        for name, p, s in zip(self.names, self.params, self.singular_values(), strict=True):
-            rtol = default_rtol(p.shape[0], p.numel() // p.shape[0], p.dtype)
-            self.ranks.setdefault(name, []).append(numerical_rank(s, rtol))
-            if epoch_end:
-                self.spectra.setdefault(name, []).append(s.tolist())
+    steps = args.epochs * steps_per_epoch
+    return ProxRank(
+        torch.optim.AdamW(groups, lr=args.lr),
+        model,
+        lam=args.lam,
+        prox=args.prox,
+        metric=args.metric,
+        schedule=make_schedule(args, steps_per_epoch),
+        diagnostics=Diagnostics(history=max(1024, steps + 2)),
+        **({} if args.backend is None else {"backend": args.backend}),
+    )
 
 
 def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
@@ -169,48 +317,42 @@ def inference_ms(model: nn.Module, X: Tensor, repeats: int = 30) -> float:
 
 def train(
     model: nn.Module,
+    opt: torch.optim.Optimizer,
     data: tuple[Tensor, Tensor],
     epochs: int,
-    lr: float,
     args: argparse.Namespace,
     desc: str,
-    lam: float | None = None,
-    recorder: Recorder | None = None,
 ) -> float:
-    """AdamW (wrapped in ProxRank when ``lam`` is given) with cross-entropy; returns seconds."""
+    """``epochs`` of ``opt`` on cross-entropy in shuffled mini-batches; returns seconds. With a
+    ProxRank, the progress bar shows the ranks its diagnostics recorded (once per epoch)."""
     X, y = data
-    opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    if lam is not None:
-        opt = ProxRank(opt, model, lam=lam, prox=args.prox)
     from tqdm.auto import tqdm
 
     batches = -(-len(X) // args.batch_size)
     bar = tqdm(total=epochs * batches, desc=desc, unit="step", disable=args.no_progress)
     loss_fn = nn.CrossEntropyLoss()
+    ranks: dict[str, str] = {}
     start = time.perf_counter()
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(X))
         for i in range(batches):
             idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            loss = loss_fn(model(X[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if recorder is not None:
-                recorder.step(epoch_end=i == batches - 1)
-                bar.set_postfix(
-                    loss=f"{loss.item():.3f}", ranks=_last_ranks(recorder), refresh=False
-                )
-            else:
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+            def closure(idx: Tensor = idx) -> Tensor:  # the loss reaches the diagnostics
+                opt.zero_grad()
+                loss = loss_fn(model(X[idx]), y[idx])
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure)
+            if isinstance(opt, ProxRank) and i == batches - 1:
+                layers = opt.diagnostics().layers
+                ranks = {"ranks": "/".join(str(lay.rank) for lay in layers) or "-"}
+            bar.set_postfix(loss=f"{loss.item():.3f}", **ranks, refresh=False)
             bar.update()
     bar.close()
     return time.perf_counter() - start
-
-
-def _last_ranks(recorder: Recorder) -> str:
-    return "/".join(str(r[-1]) for r in recorder.ranks.values())
 
 
 # -- report ------------------------------------------------------------------------------
@@ -242,35 +384,59 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     return _table(rows)
 
 
-def plot_report(out: Path, rec: Recorder, baseline: list[Tensor], batches: int) -> None:
-    """``ranks.png``: rank of every layer against training step; ``spectra.png``: singular
-    values (normalised by the largest) of the dense baseline and of ProxRank by epoch."""
+def verdict(snap: ModelDiagnostics) -> str:
+    """The convergence verdict of the diagnostics rule, with the figures behind it."""
+    rule, layers = snap.rule, snap.layers
+    if not layers:
+        return "converged: no (no prox step was recorded)"
+    held = sum(lay.steps_since_rank_change >= rule.patience for lay in layers)
+    steps = [lay.relative_step for lay in layers if not math.isnan(lay.relative_step)]
+    largest = f", largest {max(steps):.2g}" if steps else ""
+    n = len(layers)
+    return (
+        f"converged: {'yes' if snap.converged else 'no'} by the rule above; "
+        f"{sum(lay.converged for lay in layers)}/{n} layers meet it (rank held >= "
+        f"{rule.patience} steps: {held}/{n}; relative step <= {rule.tol:g} now: "
+        f"{sum(s <= rule.tol for s in steps)}/{n}{largest})"
+    )
+
+
+def plot_report(out: Path, tracker: Diagnostics, dense: nn.Module, steps_per_epoch: int) -> None:
+    """``ranks.png``: each layer's rank after the prox against the epoch (the diagnostics'
+    trajectories); ``spectra.png``: per layer, the singular values after the last prox (solid:
+    the kept ones) and before it (dashed), and the dense baseline's (black)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    traj = {name: t for name, t in tracker.trajectories().items() if name != "model"}
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, ranks in zip(rec.labels(), rec.ranks.values(), strict=True):
-        ax.plot([i / batches for i in range(1, len(ranks) + 1)], ranks, label=label)
-    ax.set(xlabel="epoch", ylabel="rank", title="Rank of each layer during ProxRank training")
-    ax.legend()
+    for name, t in traj.items():
+        epochs = [(step + 1) / steps_per_epoch for step in t["step"]]
+        ax.plot(epochs, t["rank"], label=name)
+    ax.set(xlabel="epoch", ylabel="rank after prox", title="Rank of each layer during training")
+    if traj:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "ranks.png", dpi=120)
     plt.close(fig)
 
-    n = len(rec.names)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.5), squeeze=False)
-    cmap = plt.get_cmap("viridis")
-    for ax, name, label, dense in zip(axes[0], rec.names, rec.labels(), baseline, strict=True):
-        snaps = rec.spectra[name]
-        for e, s in enumerate(snaps):
-            s = torch.tensor(s)
-            ax.semilogy((s / s[0]).clamp_min(1e-8), color=cmap(e / max(len(snaps) - 1, 1)), lw=0.8)
-        ax.semilogy((dense / dense[0]).clamp_min(1e-8), "k--", lw=1.5, label="dense baseline")
-        ax.set(title=label, xlabel="index", ylabel="s_i / s_1", ylim=(1e-8, 2))
+    spectra = tracker.spectra()
+    names = [t.name for t in tracker.optimizer.targets]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        weight = dense.get_parameter(name).detach()
+        base = torch.linalg.svdvals(weight.reshape(weight.shape[0], -1)).tolist()
+        ax.semilogy(range(1, len(base) + 1), base, "k-", lw=1, label="dense baseline")
+        if name in spectra:
+            before, after = spectra[name]
+            kept = [s for s in after if s > 0]
+            ax.semilogy(range(1, len(before) + 1), before, "C0--", lw=1, label="before prox")
+            ax.semilogy(range(1, len(kept) + 1), kept, "C0.-", label=f"kept: rank {len(kept)}")
+        ax.set(title=name, xlabel="index i", ylabel="singular value s_i")
         ax.legend(loc="lower left", fontsize=8)
-    fig.suptitle("Singular values: ProxRank by epoch (dark to light) vs dense baseline")
+    fig.suptitle("Singular values after training: ProxRank's last prox vs the dense baseline")
     fig.tight_layout()
     fig.savefig(out / "spectra.png", dpi=120)
     plt.close(fig)
@@ -280,19 +446,9 @@ def plot_report(out: Path, rec: Recorder, baseline: list[Tensor], batches: int) 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the demo with parsed ``args``; returns the JSON summary it writes."""
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    for opt in ("epochs", "batch_size"):
-        if getattr(args, opt) < 1:
-            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
-    if args.lam < 0 or args.finetune_epochs < 0:
-        raise ValueError("--lam and --finetune-epochs must be >= 0")
-    if not (args.lr > 0 and args.finetune_lr > 0):
-        raise ValueError("--lr and --finetune-lr must be > 0")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    """Run the demo with parsed ``args`` (checked by :func:`prepare` first); returns the JSON
+    summary it writes."""
+    prepare(args)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -311,15 +467,19 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     dense = build_cnn()
     low = build_cnn()
     low.load_state_dict(dense.state_dict())  # same initialisation for both runs
-    t_dense = train(dense, (Xtr, ytr), args.epochs, args.lr, args, "dense AdamW")
-    names = [n for n, m in low.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    params = [low.get_submodule(n).weight for n in names]
-    rec = Recorder(names, params)
-    t_low = train(low, (Xtr, ytr), args.epochs, args.lr, args, "ProxRank(AdamW)", args.lam, rec)
+    opt = make_optimizer(low, args, batches)
+    adamw = torch.optim.AdamW(dense.parameters(), lr=args.lr)
+    t_dense = train(dense, adamw, (Xtr, ytr), args.epochs, args, "dense AdamW")
+    t_low = train(low, opt, (Xtr, ytr), args.epochs, args, "ProxRank(AdamW)")
+    opt.close()
+    diagnostics = opt.diagnostics()
+    print(opt.report())
+    print(verdict(diagnostics))
+    print()
 
     example = Xte[:1]
-    _, dense_summary = factorize(dense, example_inputs=example)  # its 'before' columns
-    small, summary = factorize(low, example_inputs=example)
+    _, dense_summary = factorize(dense, example_inputs=example, rtol=FACTORIZE_RTOL)  # 'before'
+    small, summary = factorize(low, example_inputs=example, rtol=FACTORIZE_RTOL)
 
     def column(s: FactorizeSummary, model: nn.Module, seconds: float, factor: bool) -> dict:
         return {
@@ -337,30 +497,32 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "factorized": column(summary, small, t_low, True),
     }
     if args.finetune_epochs:
-        t_tune = train(
-            small, (Xtr, ytr), args.finetune_epochs, args.finetune_lr, args, "fine-tune factors"
-        )
+        tune = torch.optim.AdamW(small.parameters(), lr=args.finetune_lr)
+        t_tune = train(small, tune, (Xtr, ytr), args.finetune_epochs, args, "fine-tune factors")
         results["+ fine-tuned"] = column(summary, small, t_low + t_tune, True)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     torch.save(small, out / "model.pt")
-    plot_report(
-        out,
-        rec,
-        Recorder(names, [dense.get_submodule(n).weight for n in names]).singular_values(),
-        batches,
-    )
+    plot_report(out, opt.tracker, dense, batches)
+    trajectories = opt.tracker.trajectories()
     report = {
         "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if not callable(v)
         },
         "results": results,
         "factorize": summary.to_dict(),
-        "ranks_per_step": rec.ranks,
+        "diagnostics": diagnostics.to_dict(),
+        "ranks_per_step": {
+            name: {"step": t["step"], "rank": [int(r) for r in t["rank"]]}
+            for name, t in trajectories.items()
+            if name != "model"
+        },
         "wall_seconds": time.perf_counter() - wall,
     }
-    (out / "summary.json").write_text(json.dumps(report, indent=2))
+    (out / "summary.json").write_text(json.dumps(_nan_to_none(report), indent=2))
     print(summary)
     print()
     print(comparison_table(results))
@@ -369,10 +531,3 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         f"(model.pt, summary.json, ranks.png, spectra.png); {report['wall_seconds']:.0f} s in all"
     )
     return report
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv`` as the ``demo`` subcommand's options and run it."""
-    parser = argparse.ArgumentParser(prog="python -m proxrank demo", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
