@@ -36,8 +36,8 @@ class LayerCompression:
     """What :func:`compress` did to one weight.
 
     ``error``: ``||A^{1/2} (W - X) B^{1/2}||_F / ||A^{1/2} W B^{1/2}||_F`` in the chosen metric;
-    ``frobenius_error``: ``||W - X||_F / ||W||_F``; ``params``: ``m n`` before, ``r (m + n)``
-    as two factors after.
+    ``frobenius_error``: ``||W - X||_F / ||W||_F``; ``params``: ``m n`` before; after,
+    ``r (m + n)`` as two factors, or ``m n`` when that would not save anything.
     """
 
     name: str
@@ -218,7 +218,9 @@ def compress(
             )
             new_weights.append((t.param, X))
             reports.append(
-                LayerCompression(t.name, (m, n), r, float(err), float(fro), m * n, r * (m + n))
+                LayerCompression(
+                    t.name, (m, n), r, float(err), float(fro), m * n, min(m * n, r * (m + n))
+                )
             )
         for p, X in new_weights:
             p.copy_(X.reshape(p.shape))

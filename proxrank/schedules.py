@@ -226,6 +226,11 @@ class Schedule:
                     f"ramp_end={ramp_end} is before the end of warmup={warmup}; use "
                     "ramp_end >= warmup"
                 )
+            if ramp in ("constant", "exponential"):
+                raise ValueError(
+                    f"ramp={ramp!r} cannot bring a rank from full to its target; use 'cubic' "
+                    "(the default), 'linear' or 'cosine'"
+                )
             self.shape = Ramp(1.0, 0.0, self.warmup, ramp_end, ramp)
             freeze_at = ramp_end if freeze_at is None else freeze_at
         elif ramp_end is not None:

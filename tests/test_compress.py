@@ -93,7 +93,8 @@ def test_euclidean_compress_is_the_truncated_svd():
             and rep.error == pytest.approx(fro)
             and rep.frobenius_error == pytest.approx(fro)
         )
-        assert rep.params_after == 3 * sum(rep.shape) and rep.params_before == w.numel()
+        assert rep.params_before == w.numel()
+        assert rep.params_after == min(3 * sum(rep.shape), w.numel())  # never more than dense
     assert [r.name for r in report] == ["0.weight", "2.weight"]
 
 

@@ -433,3 +433,9 @@ def test_add_param_group_with_a_budget_schedule_is_refused():
     with pytest.raises(ValueError, match="add_param_group with a budget schedule"):
         opt.add_param_group({"params": model[2].parameters()})
     assert len(opt.param_groups) == 1 and [t.name for t in opt.targets] == ["0.weight"]
+
+
+@pytest.mark.parametrize("ramp", ["constant", "exponential"])
+def test_rank_ramp_shapes_that_cannot_reach_the_target_are_refused(ramp):
+    with pytest.raises(ValueError, match=f"ramp='{ramp}' cannot bring a rank"):
+        Schedule(target=0.5, ramp_end=10, ramp=ramp)
