@@ -14,10 +14,13 @@ Backends (``backend=`` of :class:`proxrank.ProxRank`):
     ``Y^T Y``), formed and decomposed in float64: ``Y = U diag(s) V^T`` with
     ``G = U diag(s^2) U^T`` and ``V^T = diag(1/s) U^T Y``.
 ``"subspace"``
-    warm-started subspace iteration: the basis ``Q`` (``m x k``) kept from the previous step
-    gives Ritz triplets of ``Q^T Y`` (Rayleigh-Ritz), and ``Y Y^T Q U_c`` (one block power step)
-    becomes the next step's basis. A matrix whose certificate fails gets another Rayleigh-Ritz
-    round from that power-iterated basis (``iterations`` rounds at most, then the exact SVD).
+    warm-started subspace iteration: the basis ``B`` (``m x k``) kept from the previous step
+    takes one block power step on this step's matrix, ``Q = orth(Y Y^T B)`` (the stored basis
+    has not seen the latest update, which alone would put the Ritz residual above ``tol``),
+    then gives Ritz triplets of ``Q^T Y`` (Rayleigh-Ritz), and ``Y Y^T Q U_c`` (one more block
+    power step) becomes the next step's basis. A matrix whose certificate fails gets another
+    Rayleigh-Ritz round from that power-iterated basis (``iterations`` rounds at most, then
+    the exact SVD).
     The block grows when every Ritz value is above the cutoff and shrinks when many are below;
     every ``refresh`` steps it is rebuilt exactly.
 ``"auto"``
@@ -175,8 +178,9 @@ def _exact_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
     return _Part(idx, "exact", U, S, lambda K: Vh[..., :K, :], zero, _need(S, c, min_rank), U)
 
 
-def _gram_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
-    """Eigendecomposition of ``Y Y^T`` in float64 with a deterministic certificate."""
+def _gram_part(Y: Tensor, c: Tensor, norm2: Tensor, min_rank: int, idx: list[int]) -> _Part:
+    """Eigendecomposition of ``Y Y^T`` in float64 with a deterministic certificate
+    (``norm2 = ||Y||_F^2`` in float64)."""
     m, n = Y.shape[-2:]
     Yd = Y.double()
     G = Yd @ Yd.mT
@@ -184,7 +188,7 @@ def _gram_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
     lam, V = lam.flip(-1), V.flip(-1)
     res = torch.linalg.vector_norm(G @ V - V * lam.unsqueeze(-2), dim=-2)  # (b, m)
     eps = torch.finfo(torch.float64).eps
-    rounding = (n * eps / (1 - n * eps)) * Yd.square().sum((-2, -1))  # >= ||fl(G) - Y Y^T||_2
+    rounding = (n * eps / (1 - n * eps)) * norm2  # >= ||fl(G) - Y Y^T||_2
     S = lam.clamp_min(0).sqrt()
     need = _need(S.to(Y.dtype), c, min_rank)
     kept = torch.arange(m, device=Y.device) < need.unsqueeze(-1)
@@ -210,55 +214,72 @@ def _gram_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
     )
 
 
-def _tail_bound(Y: Tensor, Q: Tensor, Z: Tensor, gen: torch.Generator, probes: int, power: int):
-    """Upper bound on ``||(I - Q Q^T) Y||_2``: the smaller of a Frobenius bound (with a margin
-    for the rounding of ``||Q^T Y||_F``) and a randomized power bound that fails with
-    probability at most ``10^-probes``."""
+def _tail_bound(Y: Tensor, Q: Tensor, Z: Tensor, X: Tensor, norm2: Tensor, power: int) -> Tensor:
+    """Upper bound on ``||(I - Q Q^T) Y||_2`` given ``X = Y Omega`` (``r`` Gaussian probes):
+    the smaller of a Frobenius bound (``norm2 = ||Y||_F^2`` in float64, with a margin for the
+    rounding of ``||Z||_F = ||Q^T Y||_F``) and a randomized power bound that fails with
+    probability at most ``10^-r``. Every product is rescaled to unit largest column, the
+    scales accumulated in log space (no overflow, no scaled copy of ``Y``)."""
     dt = Y.dtype
     m, n = Y.shape[-2:]
-    eps = torch.finfo(dt).eps
-    norm2 = Y.square().sum((-2, -1)).double()
+    eps, tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
     fro2 = norm2 - Z.square().sum((-2, -1)).double() + 2 * (m + n) * eps * norm2
-    scale = norm2.sqrt().clamp_min(torch.finfo(dt).tiny).to(dt)[:, None, None]
-    Ys = Y / scale
 
-    def project(X: Tensor) -> Tensor:
-        return X - Q @ (Q.mT @ X)
+    def project(A: Tensor) -> Tensor:
+        return A - Q @ (Q.mT @ A)
 
-    omega = torch.randn(Y.shape[0], n, probes, generator=gen, dtype=dt, device=Y.device)
-    X = project(Ys @ omega)
+    X = project(X)
     log_scale = torch.zeros(Y.shape[0], dtype=torch.float64, device=Y.device)
     for _ in range(power):
-        top = torch.linalg.vector_norm(X, dim=-2).amax(-1).clamp_min(torch.finfo(dt).tiny)
-        log_scale = log_scale + top.double().log()
-        X = project(Ys @ (Ys.mT @ (X / top[:, None, None])))
+        for side in (Y.mT, Y):
+            top = torch.linalg.vector_norm(X, dim=-2).amax(-1).clamp_min(tiny)
+            log_scale = log_scale + top.double().log()
+            X = side @ (X / top[:, None, None])
+        X = project(X)
     top = torch.linalg.vector_norm(X, dim=-2).amax(-1).double().clamp_min(1e-300)
     log_b = math.log(10 * math.sqrt(2 / math.pi)) + log_scale + top.log()
-    randomized = scale.flatten().double() * torch.exp(log_b / (2 * power + 1))
+    randomized = torch.exp(log_b / (2 * power + 1))
     return torch.minimum(fro2.clamp_min(0).sqrt(), randomized)
 
 
 def _subspace_part(
-    Y: Tensor, c: Tensor, min_rank: int, idx: list[int], Q: Tensor, backend: SubspaceBackend
+    Y: Tensor,
+    c: Tensor,
+    min_rank: int,
+    idx: list[int],
+    Q: Tensor,
+    norm2: Tensor,
+    backend: SubspaceBackend,
 ) -> _Part:
     """One Rayleigh-Ritz round from the warm basis ``Q`` (``(b, m, k)``, any spanning set,
     zero columns allowed): orthonormalise, take the Ritz triplets of ``Q^T Y``, certify.
     ``G U diag(1/lambda)`` (one block power step, columns rescaled to about unit norm) seeds
-    the next round or the next step's basis."""
+    the next round or the next step's basis. The probes of the randomized tail bound ride
+    along in the product that forms ``G U = Y (Z^T W)``: two passes over ``Y`` per round
+    besides the ``2 power`` of the bound's power steps."""
     Q = torch.linalg.qr(Q).Q
     Z = Q.mT @ Y  # (b, k, n)
     lam, W = torch.linalg.eigh(Z @ Z.mT)
     lam, W = lam.flip(-1).clamp_min(0), W.flip(-1)
+    k = lam.shape[-1]
     U = Q @ W
-    GU = Y @ (Z.mT @ W)  # = Y Y^T U
+    omega = torch.randn(
+        Y.shape[0],
+        Y.shape[-1],
+        backend.probes,
+        generator=backend._generator(Y.device),
+        dtype=Y.dtype,
+        device=Y.device,
+    )
+    P = Y @ torch.cat([Z.mT @ W, omega], dim=-1)
+    GU = P[..., :k]  # = Y Y^T U
     S = lam.sqrt()
     res = torch.linalg.vector_norm(GU - U * lam.unsqueeze(-2), dim=-2)  # (b, k)
     need = _need(S, c, min_rank)
-    k = S.shape[-1]
     kept = torch.arange(k, device=Y.device) < need.unsqueeze(-1)
     col = res / S.clamp_min(torch.finfo(Y.dtype).tiny)
     e21 = torch.where(kept, col.square(), 0).sum(-1).sqrt()
-    tail = _tail_bound(Y, Q, Z, backend._generator(Y.device), backend.probes, backend.power)
+    tail = _tail_bound(Y, Q, Z, P[..., k:], norm2, backend.power)
     e22 = (_gather_or_zero(S, need).double().square() + tail.square()).sqrt()
     bound = torch.where(e22 <= c.double(), e21, math.inf)
     scaled = GU / lam.clamp_min(lam[..., :1] * torch.finfo(Y.dtype).eps).unsqueeze(-2)
@@ -313,17 +334,22 @@ class _CertifiedBackend(Backend):
         """``"exact"``, ``"gram"`` or ``"subspace"`` for one matrix (its state and shape,
         ``m <= n``)."""
 
-    def _run(self, method: str, Y: Tensor, c: Tensor, min_rank: int, idx, states) -> _Part:
+    def _run(
+        self, method: str, Y: Tensor, c: Tensor, norm2: Tensor, min_rank: int, idx, states
+    ) -> _Part:
         if method == "exact":
             return _exact_part(Y, c, min_rank, idx)
         if method == "gram":
-            return _gram_part(Y, c, min_rank, idx)
+            return _gram_part(Y, c, norm2, min_rank, idx)
         bases = [states[i]["basis"].to(device=Y.device, dtype=Y.dtype) for i in idx]
         k = max(b.shape[-1] for b in bases)
         Q = Y.new_zeros(len(idx), Y.shape[-2], k)
         for j, b in enumerate(bases):
             Q[j, :, : b.shape[-1]] = b
-        return _subspace_part(Y, c, min_rank, idx, Q, self)  # type: ignore[arg-type]
+        # one block power step on this step's matrix first: the stored basis has not seen
+        # the update since the last step, which alone puts the Ritz residual above tol
+        Q = Y @ (Q.mT @ Y).mT / norm2.to(Y.dtype)[:, None, None]
+        return _subspace_part(Y, c, min_rank, idx, Q, norm2, self)  # type: ignore[arg-type]
 
     def svd(self, Y: Tensor, cutoff: Tensor, state: State, min_rank: int = 0) -> SVDResult:
         batch_shape, (m0, n0) = Y.shape[:-2], Y.shape[-2:]
@@ -343,13 +369,14 @@ class _CertifiedBackend(Backend):
                     "shape; rebuild the ProxRank (or clear this matrix's state) after resizing"
                 )
         plan = [self._plan(st, m, n) for st in states]
+        norm2 = torch.linalg.vector_norm(Yb, dim=(-2, -1), dtype=torch.float64).square()
         pending = []
         for method in dict.fromkeys(plan):
             idx = [i for i, p in enumerate(plan) if p == method]
             whole = len(idx) == B
-            sub_Y, sub_c = (Yb, c) if whole else (Yb[idx], c[idx])
-            pending.append(self._run(method, sub_Y, sub_c, min_rank, idx, states))
-        limit = self.tol * torch.linalg.vector_norm(Yb, dim=(-2, -1))
+            sub_Y, sub_c, sub_n = (Yb, c, norm2) if whole else (Yb[idx], c[idx], norm2[idx])
+            pending.append(self._run(method, sub_Y, sub_c, sub_n, min_rank, idx, states))
+        limit = (self.tol * norm2.sqrt()).to(Y.dtype)
         parts: list[_Part] = []
         need: dict[int, int] = {}
         failed: set[int] = set()
@@ -370,7 +397,7 @@ class _CertifiedBackend(Backend):
             if retry:  # one more Rayleigh-Ritz round from the power-iterated basis
                 idx = [i for _, _, i in retry]
                 Q = torch.stack([p.next_src[j] for p, j, _ in retry])
-                pending.append(_subspace_part(Yb[idx], c[idx], min_rank, idx, Q, self))
+                pending.append(_subspace_part(Yb[idx], c[idx], min_rank, idx, Q, norm2[idx], self))
             if redo:
                 idx = [i for _, _, i in redo]
                 failed.update(idx)
@@ -490,10 +517,11 @@ class SubspaceBackend(_CertifiedBackend):
         tol: relative error bound; a result whose bound exceeds ``tol * ||Y||_F`` is redone
             with the exact SVD.
         iterations: most Rayleigh-Ritz rounds per step. The first starts from the basis the
-            previous step left (already one block power step ahead); a matrix whose
-            certificate fails gets another round from its power-iterated basis, and after
-            ``iterations`` rounds the exact SVD. Each round costs about three ``m n k``
-            products and one host synchronisation per batch.
+            previous step left after one block power step on this step's matrix; a matrix
+            whose certificate fails gets another round from its power-iterated basis, and after
+            ``iterations`` rounds the exact SVD. A step costs about five ``m n k`` products
+            (power step, Rayleigh-Ritz, reconstruction) and one host synchronisation per
+            batch; another round about two more.
         refresh: steps between exact recomputations of the basis.
         probes, power: Gaussian probes and power steps of the randomized bound on the norm
             outside the basis (failure probability ``10^-probes``; the bound is loose by at

@@ -114,6 +114,20 @@ def test_auto_uses_gram_when_full_rank_and_subspace_when_low_rank():
     assert state["backend"] == "subspace"
 
 
+def test_second_round_certifies_a_basis_one_power_step_cannot_fix():
+    Y = low_rank_plus_noise()
+    backend = SubspaceBackend(iterations=2)
+    state = warm_state(backend, Y, 1.0)
+    U = torch.linalg.svd(Y).U
+    k = state["basis"].shape[-1]
+    state["basis"] = U[:, :k] + U[:, -k:]  # 45 degrees off the signal
+    res = prox_step(Y, 1.0, backend=backend, state=state)
+    assert state["rounds"] == 2 and state["backend"] == "subspace" and not state["fallback"]
+    bound = res.svd.error_bound.item()
+    assert 0 < bound <= 1e-4 * Y.norm().item()
+    assert torch.linalg.matrix_norm(res.X - svt(Y, 1.0)) <= bound
+
+
 def test_fallback_when_the_warm_basis_misses_the_top_directions():
     Y = low_rank_plus_noise()
     backend = SubspaceBackend(iterations=1)
