@@ -46,8 +46,10 @@ condition ``||E_22||_2 <= c`` cannot be certified the bound is ``inf``. ``||E_22
   and the float64 rounding of ``G`` (``n eps ||Y||_F^2``);
 * ``"subspace"`` takes the smaller of the Frobenius norm ``(||Y||_F^2 - ||Q^T Y||_F^2)^{1/2}``
   (with a rounding margin) and a randomized power bound (Halko, Martinsson & Tropp 2011,
-  Lemma 4.1): with ``r`` Gaussian probes ``w_j`` and ``B = (R R^T)^q R``,
-  ``||B||_2 <= 10 sqrt(2/pi) max_j ||B w_j||`` except with probability ``10^-r`` (``r = 10``).
+  Lemma 4.1): with ``r`` Gaussian probes ``w_j``, ``B = (R R^T)^q R`` and any ``alpha > 1``,
+  ``||B||_2 <= alpha sqrt(2/pi) max_j ||B w_j||`` except with probability ``alpha^-r``;
+  ``alpha = 10^(10/r)`` (failure probability ``FAILURE = 1e-10``; ``r = 16``, ``q = 2``). The
+  probes and the first power step ride along in the block products of the round.
 
 A result whose bound exceeds ``tol * ||Y||_F`` is recomputed with the exact SVD (its state
 records ``backend="exact"`` and ``fallback=True``). The hard threshold is not non-expansive:
@@ -214,32 +216,30 @@ def _gram_part(Y: Tensor, c: Tensor, norm2: Tensor, min_rank: int, idx: list[int
     )
 
 
-def _tail_bound(Y: Tensor, Q: Tensor, Z: Tensor, X: Tensor, norm2: Tensor, power: int) -> Tensor:
-    """Upper bound on ``||(I - Q Q^T) Y||_2`` given ``X = Y Omega`` (``r`` Gaussian probes):
-    the smaller of a Frobenius bound (``norm2 = ||Y||_F^2`` in float64, with a margin for the
-    rounding of ``||Z||_F = ||Q^T Y||_F``) and a randomized power bound that fails with
-    probability at most ``10^-r``. Every product is rescaled to unit largest column, the
-    scales accumulated in log space (no overflow, no scaled copy of ``Y``)."""
-    dt = Y.dtype
-    m, n = Y.shape[-2:]
-    eps, tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
-    fro2 = norm2 - Z.square().sum((-2, -1)).double() + 2 * (m + n) * eps * norm2
+FAILURE = 1e-10
+"""Probability that the randomized tail bound of ``"subspace"`` is not an upper bound."""
 
-    def project(A: Tensor) -> Tensor:
-        return A - Q @ (Q.mT @ A)
 
-    X = project(X)
-    log_scale = torch.zeros(Y.shape[0], dtype=torch.float64, device=Y.device)
-    for _ in range(power):
-        for side in (Y.mT, Y):
-            top = torch.linalg.vector_norm(X, dim=-2).amax(-1).clamp_min(tiny)
-            log_scale = log_scale + top.double().log()
-            X = side @ (X / top[:, None, None])
-        X = project(X)
+def _probe_scale(X: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``X`` rescaled to unit largest column norm, the scale added to ``log_scale``."""
+    top = torch.linalg.vector_norm(X, dim=-2).amax(-1).clamp_min(torch.finfo(X.dtype).tiny)
+    return X / top[:, None, None], log_scale + top.double().log()
+
+
+def _tail_bound(Z: Tensor, X: Tensor, log_scale: Tensor, norm2: Tensor, m: int) -> Tensor:
+    """Upper bound on ``||R||_2``, ``R = (I - Q Q^T) Y``, given ``X = B Omega / exp(log_scale)``
+    for ``B = (R R^T)^q R`` and ``r`` Gaussian probes: the smaller of a Frobenius bound
+    (``norm2 = ||Y||_F^2`` in float64, with a margin for the rounding of ``||Z||_F``,
+    ``Z = Q^T Y``) and ``(alpha sqrt(2/pi) max_j ||B w_j||)^(1/(2q+1))``, an upper bound except
+    with probability ``alpha^-r = FAILURE`` (Halko, Martinsson & Tropp 2011, Lemma 4.1), where
+    ``2q + 1 = m`` is the number of applications of ``R`` or ``R^T``."""
+    eps = torch.finfo(Z.dtype).eps
+    fro2 = norm2 - Z.square().sum((-2, -1)).double() + 2 * sum(Z.shape[-2:]) * eps * norm2
+    r = X.shape[-1]
     top = torch.linalg.vector_norm(X, dim=-2).amax(-1).double().clamp_min(1e-300)
-    log_b = math.log(10 * math.sqrt(2 / math.pi)) + log_scale + top.log()
-    randomized = torch.exp(log_b / (2 * power + 1))
-    return torch.minimum(fro2.clamp_min(0).sqrt(), randomized)
+    log_alpha = -math.log(FAILURE) / r
+    log_b = log_alpha + 0.5 * math.log(2 / math.pi) + log_scale + top.log()
+    return torch.minimum(fro2.clamp_min(0).sqrt(), torch.exp(log_b / m))
 
 
 def _subspace_part(
@@ -248,38 +248,54 @@ def _subspace_part(
     min_rank: int,
     idx: list[int],
     Q: Tensor,
+    YO: Tensor,
     norm2: Tensor,
     backend: SubspaceBackend,
 ) -> _Part:
     """One Rayleigh-Ritz round from the warm basis ``Q`` (``(b, m, k)``, any spanning set,
     zero columns allowed): orthonormalise, take the Ritz triplets of ``Q^T Y``, certify.
     ``G U diag(1/lambda)`` (one block power step, columns rescaled to about unit norm) seeds
-    the next round or the next step's basis. The probes of the randomized tail bound ride
-    along in the product that forms ``G U = Y (Z^T W)``: two passes over ``Y`` per round
-    besides the ``2 power`` of the bound's power steps."""
+    the next round or the next step's basis.
+
+    ``YO = Y Omega`` holds the ``r`` Gaussian probes of the tail bound. Their first power step
+    rides along in the two products of the round: ``[Q, X]^T Y`` gives ``Z = Q^T Y`` and
+    ``(Y^T X)^T``, and ``Y [Z^T W, Y^T X]`` gives ``G U`` and ``Y Y^T X``; each further power
+    step costs two thin passes over ``Y``."""
     Q = torch.linalg.qr(Q).Q
-    Z = Q.mT @ Y  # (b, k, n)
+    k = Q.shape[-1]
+
+    def project(A: Tensor) -> Tensor:
+        return A - Q @ (Q.mT @ A)
+
+    zero = torch.zeros(Y.shape[0], dtype=torch.float64, device=Y.device)
+    X, log_scale = _probe_scale(project(YO), zero)
+    power = backend.power
+    if power:
+        ZT = torch.cat([Q, X], dim=-1).mT @ Y
+        Z, T = ZT[..., :k, :], ZT[..., k:, :]
+    else:
+        Z = Q.mT @ Y  # (b, k, n)
     lam, W = torch.linalg.eigh(Z @ Z.mT)
     lam, W = lam.flip(-1).clamp_min(0), W.flip(-1)
-    k = lam.shape[-1]
     U = Q @ W
-    omega = torch.randn(
-        Y.shape[0],
-        Y.shape[-1],
-        backend.probes,
-        generator=backend._generator(Y.device),
-        dtype=Y.dtype,
-        device=Y.device,
-    )
-    P = Y @ torch.cat([Z.mT @ W, omega], dim=-1)
-    GU = P[..., :k]  # = Y Y^T U
+    if power:
+        P = Y @ torch.cat([Z.mT @ W, T.mT], dim=-1)
+        GU = P[..., :k]
+        X = project(P[..., k:])
+    else:
+        GU = Y @ (Z.mT @ W)  # = Y Y^T U
+    for _ in range(power - 1):
+        for side in (Y.mT, Y):
+            X, log_scale = _probe_scale(X, log_scale)
+            X = side @ X
+        X = project(X)
     S = lam.sqrt()
     res = torch.linalg.vector_norm(GU - U * lam.unsqueeze(-2), dim=-2)  # (b, k)
     need = _need(S, c, min_rank)
     kept = torch.arange(k, device=Y.device) < need.unsqueeze(-1)
     col = res / S.clamp_min(torch.finfo(Y.dtype).tiny)
     e21 = torch.where(kept, col.square(), 0).sum(-1).sqrt()
-    tail = _tail_bound(Y, Q, Z, P[..., k:], norm2, backend.power)
+    tail = _tail_bound(Z, X, log_scale, norm2, 2 * power + 1)
     e22 = (_gather_or_zero(S, need).double().square() + tail.square()).sqrt()
     bound = torch.where(e22 <= c.double(), e21, math.inf)
     scaled = GU / lam.clamp_min(lam[..., :1] * torch.finfo(Y.dtype).eps).unsqueeze(-2)
@@ -346,10 +362,17 @@ class _CertifiedBackend(Backend):
         Q = Y.new_zeros(len(idx), Y.shape[-2], k)
         for j, b in enumerate(bases):
             Q[j, :, : b.shape[-1]] = b
-        # one block power step on this step's matrix first: the stored basis has not seen
-        # the update since the last step, which alone puts the Ritz residual above tol
-        Q = Y @ (Q.mT @ Y).mT / norm2.to(Y.dtype)[:, None, None]
-        return _subspace_part(Y, c, min_rank, idx, Q, norm2, self)  # type: ignore[arg-type]
+        # one block power step on this step's matrix first (the stored basis has not seen
+        # the update since the last step, which alone puts the Ritz residual above tol);
+        # the probes of the tail bound ride along
+        P = Y @ torch.cat([(Q.mT @ Y).mT, self._probes(Y)], dim=-1)
+        return _subspace_part(Y, c, min_rank, idx, P[..., :k], P[..., k:], norm2, self)  # type: ignore[arg-type]
+
+    def _probes(self, Y: Tensor) -> Tensor:
+        """Gaussian probes ``Omega`` (``(b, n, probes)``) for a batch ``Y``."""
+        shape = (Y.shape[0], Y.shape[-1], self.probes)  # type: ignore[attr-defined]
+        gen = self._generator(Y.device)
+        return torch.randn(shape, generator=gen, dtype=Y.dtype, device=Y.device)
 
     def svd(self, Y: Tensor, cutoff: Tensor, state: State, min_rank: int = 0) -> SVDResult:
         batch_shape, (m0, n0) = Y.shape[:-2], Y.shape[-2:]
@@ -397,7 +420,10 @@ class _CertifiedBackend(Backend):
             if retry:  # one more Rayleigh-Ritz round from the power-iterated basis
                 idx = [i for _, _, i in retry]
                 Q = torch.stack([p.next_src[j] for p, j, _ in retry])
-                pending.append(_subspace_part(Yb[idx], c[idx], min_rank, idx, Q, norm2[idx], self))
+                sub = Yb[idx]
+                YO = sub @ self._probes(sub)
+                part = _subspace_part(sub, c[idx], min_rank, idx, Q, YO, norm2[idx], self)  # type: ignore[arg-type]
+                pending.append(part)
             if redo:
                 idx = [i for _, _, i in redo]
                 failed.update(idx)
@@ -524,8 +550,10 @@ class SubspaceBackend(_CertifiedBackend):
             batch; another round about two more.
         refresh: steps between exact recomputations of the basis.
         probes, power: Gaussian probes and power steps of the randomized bound on the norm
-            outside the basis (failure probability ``10^-probes``; the bound is loose by at
-            most a factor ``(10 sqrt(2/pi))^(1/(2 power + 1))``).
+            outside the basis (failure probability ``FAILURE = 1e-10``; the bound is loose by
+            at most a factor ``(10^(10/probes) sqrt(2/pi))^(1/(2 power + 1))``, 1.3 for the
+            defaults). The first power step rides along in the Rayleigh-Ritz products; each
+            further one costs two thin passes over the matrix.
     """
 
     name = "subspace"
@@ -538,7 +566,7 @@ class SubspaceBackend(_CertifiedBackend):
         *,
         iterations: int = 2,
         refresh: int = 100,
-        probes: int = 10,
+        probes: int = 16,
         power: int = 2,
     ) -> None:
         super().__init__(tol)

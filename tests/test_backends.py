@@ -128,6 +128,19 @@ def test_second_round_certifies_a_basis_one_power_step_cannot_fix():
     assert torch.linalg.matrix_norm(res.X - svt(Y, 1.0)) <= bound
 
 
+@pytest.mark.parametrize("power", [0, 1, 3])
+def test_every_power_of_the_tail_bound_certifies_a_clear_gap(power):
+    # power 0: probes only; 1: the power step fused into the Ritz products; 3: two more
+    s = torch.cat([torch.linspace(8, 3, 6), torch.full((54,), 0.01)]).double()
+    Y = spectrum_matrix(60, 80, s, 7)
+    backend = SubspaceBackend(power=power)
+    state = warm_state(backend, Y, 1.0)
+    res = prox_step(drift(Y, 1e-4, 2), 1.0, backend=backend, state=state)
+    assert state["backend"] == "subspace" and not state["fallback"]
+    bound = res.svd.error_bound.item()
+    assert torch.linalg.matrix_norm(res.X - svt(drift(Y, 1e-4, 2), 1.0)) <= bound
+
+
 def test_fallback_when_the_warm_basis_misses_the_top_directions():
     Y = low_rank_plus_noise()
     backend = SubspaceBackend(iterations=1)
