@@ -40,7 +40,10 @@ If ``||E_22||_2 <= c`` the block-diagonal part ``Y_0`` has the prox ``U_1 phi(S_
 the backend returns), and a non-expansive prox (soft thresholding) satisfies
 ``||prox(Y) - prox(Y_0)||_F <= ||Y - Y_0||_F = ||E_21||_F``: that is ``error_bound``. When the
 condition ``||E_22||_2 <= c`` cannot be certified the bound is ``inf``. ``||E_22||_2`` is bounded by
-``sqrt(s_drop^2 + ||(I - Q Q^T) Y||_2^2)`` (``s_drop`` the largest Ritz value below the cutoff):
+``sqrt(s_drop^2 + ||(I - Q Q^T) Y||_2^2)`` (``s_drop`` the largest Ritz value outside ``U_1``).
+``U_1`` may also hold Ritz triplets below the cutoff (``phi`` maps them to zero, so the prox and
+the returned triplets do not change): ``"subspace"`` certifies with the fewest that make
+``s_drop`` small enough, which matters when the spectrum is dense at the cutoff.
 
 * ``"gram"`` bounds it deterministically from the eigen-residuals ``||G q_i - lambda_i q_i||``
   and the float64 rounding of ``G`` (``n eps ||Y||_F^2``);
@@ -292,12 +295,14 @@ def _subspace_part(
     S = lam.sqrt()
     res = torch.linalg.vector_norm(GU - U * lam.unsqueeze(-2), dim=-2)  # (b, k)
     need = _need(S, c, min_rank)
-    kept = torch.arange(k, device=Y.device) < need.unsqueeze(-1)
+    # certify with the first j >= need Ritz triplets, j the least with s_j^2 + tail^2 <= c^2:
+    # the ones between need and j are below the cutoff (mapped to zero, not returned)
+    room = c.double().square() - _tail_bound(Z, X, log_scale, norm2, 2 * power + 1).square()
+    j = torch.maximum((S.double().square() > room.unsqueeze(-1)).sum(-1), need)
+    kept = torch.arange(k, device=Y.device) < j.unsqueeze(-1)
     col = res / S.clamp_min(torch.finfo(Y.dtype).tiny)
     e21 = torch.where(kept, col.square(), 0).sum(-1).sqrt()
-    tail = _tail_bound(Z, X, log_scale, norm2, 2 * power + 1)
-    e22 = (_gather_or_zero(S, need).double().square() + tail.square()).sqrt()
-    bound = torch.where(e22 <= c.double(), e21, math.inf)
+    bound = torch.where(_gather_or_zero(S, j).double().square() <= room, e21, math.inf)
     scaled = GU / lam.clamp_min(lam[..., :1] * torch.finfo(Y.dtype).eps).unsqueeze(-2)
     return _Part(idx, "subspace", U, S, lambda K: _right(W, Z, S, K), bound, need, scaled)
 

@@ -141,6 +141,22 @@ def test_every_power_of_the_tail_bound_certifies_a_clear_gap(power):
     assert torch.linalg.matrix_norm(res.X - svt(drift(Y, 1e-4, 2), 1.0)) <= bound
 
 
+def test_ritz_values_just_below_the_cutoff_join_the_certified_block():
+    # s_drop = 0.999: sqrt(s_drop^2 + tail^2) > cutoff for any honest tail bound, so the
+    # certificate must take the three values just below the cutoff into U_1
+    s = torch.cat(
+        [torch.linspace(8, 3, 6), torch.tensor([0.999, 0.998, 0.997]), torch.full((51,), 0.05)]
+    )
+    Y = spectrum_matrix(60, 80, s.double(), 8)
+    backend = SubspaceBackend()
+    state = warm_state(backend, Y, 1.0)
+    Y2 = drift(Y, 1e-5, 3)
+    res = prox_step(Y2, 1.0, backend=backend, state=state)
+    assert state["backend"] == "subspace" and not state["fallback"] and state["triplets"] == 6
+    bound = res.svd.error_bound.item()
+    assert torch.linalg.matrix_norm(res.X - svt(Y2, 1.0)) <= bound <= 1e-4 * Y2.norm().item()
+
+
 def test_fallback_when_the_warm_basis_misses_the_top_directions():
     Y = low_rank_plus_noise()
     backend = SubspaceBackend(iterations=1)
