@@ -467,7 +467,8 @@ class _CertifiedBackend(Backend):
             st["backend"], st["error_bound"], st["triplets"] = p.method, p.bound[j].clone(), need[i]
             st["fallback"] = i in failed
             k_cur = st["basis"].shape[-1] if p.method == "subspace" else 0
-            sizes.append(_next_size(need[i], k_cur, m))
+            hard = i in failed or st.get("rounds", 1) > 1
+            sizes.append(_next_size(need[i], k_cur, m, hard))
             st["since_refresh"] = st.get("since_refresh", 0) + 1 if p.method == "subspace" else 0
         if not self.keeps_basis:
             return
@@ -511,16 +512,20 @@ def _select(p: _Part, mask: list[bool]) -> _Part:
     )
 
 
-def _next_size(need: int, k_cur: int, m: int) -> int:
-    """Block size for the next step: ``need`` plus an oversampling margin ``8 + need/8``;
-    a subspace block grows by half when all its Ritz values were kept and shrinks when more
-    than two margins' worth fell below the cutoff."""
-    extra = 8 + need // 8
+def _next_size(need: int, k_cur: int, m: int, hard: bool = False) -> int:
+    """Block size for the next step: ``need`` plus an oversampling margin ``8 + need/8``,
+    doubled after a step that needed more than one round or the exact fallback (a wider gap
+    between the kept values and the block's edge speeds up the power steps and lowers the
+    tail); a subspace block grows by half when all its Ritz values were kept and shrinks when
+    more than two margins' worth fell below the cutoff."""
+    extra = (8 + need // 8) * (2 if hard else 1)
     target = min(m, need + extra)
     if k_cur == 0:
         return target
     if need >= k_cur:
         return min(m, max(target, k_cur + max(extra, k_cur // 2)))
+    if hard:
+        return max(k_cur, target)
     if k_cur - need > 2 * extra:
         return target
     return k_cur

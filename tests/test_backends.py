@@ -126,6 +126,8 @@ def test_second_round_certifies_a_basis_one_power_step_cannot_fix():
     bound = res.svd.error_bound.item()
     assert 0 < bound <= 1e-4 * Y.norm().item()
     assert torch.linalg.matrix_norm(res.X - svt(Y, 1.0)) <= bound
+    # a hard step doubles the oversampling margin (8 for 6 triplets) of the next block
+    assert k == 6 + 8 and state["basis"].shape[-1] == 6 + 2 * 8
 
 
 @pytest.mark.parametrize("power", [0, 1, 3])
