@@ -185,7 +185,7 @@ def _exact_part(Y: Tensor, c: Tensor, min_rank: int, idx: list[int]) -> _Part:
 
 def _gram_part(Y: Tensor, c: Tensor, norm2: Tensor, min_rank: int, idx: list[int]) -> _Part:
     """Eigendecomposition of ``Y Y^T`` in float64 with a deterministic certificate
-    (``norm2 = ||Y||_F^2`` in float64)."""
+    (``norm2 >= ||Y||_F^2`` in float64)."""
     m, n = Y.shape[-2:]
     Yd = Y.double()
     G = Yd @ Yd.mT
@@ -232,7 +232,7 @@ def _probe_scale(X: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor]:
 def _tail_bound(Z: Tensor, X: Tensor, log_scale: Tensor, norm2: Tensor, m: int) -> Tensor:
     """Upper bound on ``||R||_2``, ``R = (I - Q Q^T) Y``, given ``X = B Omega / exp(log_scale)``
     for ``B = (R R^T)^q R`` and ``r`` Gaussian probes: the smaller of a Frobenius bound
-    (``norm2 = ||Y||_F^2`` in float64, with a margin for the rounding of ``||Z||_F``,
+    (``norm2 >= ||Y||_F^2`` in float64, with a margin for the rounding of ``||Z||_F``,
     ``Z = Q^T Y``) and ``(alpha sqrt(2/pi) max_j ||B w_j||)^(1/(2q+1))``, an upper bound except
     with probability ``alpha^-r = FAILURE`` (Halko, Martinsson & Tropp 2011, Lemma 4.1), where
     ``2q + 1 = m`` is the number of applications of ``R`` or ``R^T``."""
@@ -327,6 +327,15 @@ def _state_list(state: State, batch: int) -> list[dict[str, Any]]:
     return states
 
 
+def _frobenius2(Y: Tensor) -> Tensor:
+    """An upper bound on ``||Y||_F^2`` per matrix, in float64 and within ``(n + 1) eps``
+    relative of it: rows summed in ``Y``'s own dtype (the worst-case rounding of ``n``
+    squares and sums is added), rows added in float64. Casting ``Y`` to float64 instead
+    costs more than the whole prox of a low-rank matrix."""
+    k = (Y.shape[-1] + 1) * torch.finfo(Y.dtype).eps
+    return Y.square().sum(-1).double().sum(-1) * (1 + k / (1 - k))
+
+
 def _check_positive(value: Any, option: str, integer: bool = False) -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
@@ -397,7 +406,7 @@ class _CertifiedBackend(Backend):
                     "shape; rebuild the ProxRank (or clear this matrix's state) after resizing"
                 )
         plan = [self._plan(st, m, n) for st in states]
-        norm2 = torch.linalg.vector_norm(Yb, dim=(-2, -1), dtype=torch.float64).square()
+        norm2 = _frobenius2(Yb)
         pending = []
         for method in dict.fromkeys(plan):
             idx = [i for i, p in enumerate(plan) if p == method]
