@@ -604,11 +604,13 @@ class SubspaceBackend(_CertifiedBackend):
 class AutoBackend(SubspaceBackend):
     """Chooses per matrix and step: ``"exact"`` for matrices whose smaller side is below
     ``min_size`` (the SVD is then cheaper than any bookkeeping); while the matrix's block
-    (rank plus margin) is more than ``max_ratio`` of its smaller side, after a fallback, at
-    refresh time and for the first step, ``"gram"`` when the matrix is at least
-    ``gram_aspect`` times as long as it is wide (the Gram matrix is then the cheap side) and
-    ``"exact"`` otherwise; ``"subspace"`` in the remaining (low-rank) case. Other options as
-    :class:`SubspaceBackend`."""
+    (rank plus margin) is more than ``max_ratio`` of its smaller side, at refresh time and
+    for the first step, ``"gram"`` when the matrix is at least ``gram_aspect`` times as long
+    as it is wide (the Gram matrix is then the cheap side) and ``"exact"`` otherwise;
+    ``"subspace"`` in the remaining (low-rank) case. Other options as
+    :class:`SubspaceBackend`. ``max_ratio = 0.7``: measured on 2 CPU threads, a batch of
+    384 x 1536 matrices costs less by subspace than by gram up to a block of about 0.7 of the
+    smaller side, a square 384 x 384 one less than by the SVD at any block up to 0.8."""
 
     name = "auto"
     _refresh_method = "gram"
@@ -617,7 +619,7 @@ class AutoBackend(SubspaceBackend):
         self,
         tol: float = 1e-4,
         *,
-        max_ratio: float = 0.4,
+        max_ratio: float = 0.7,
         min_size: int = 160,
         gram_aspect: float = 2.0,
         **options: Any,
