@@ -182,7 +182,7 @@ def encoder_run(d: int, layers: int, steps: int, lam: float, lr: float) -> dict:
             entry[name] = {"train_s": train_s, "prox_s": prox_s}
         states = list(runs["auto"].opt._target_state.values())
         entry["auto_rank_ratio"] = statistics.mean(
-            s["rank"] / min(t.shape2d)
+            s["triplets"] / min(t.shape2d)
             for s, t in zip(states, runs["auto"].opt._targets, strict=True)
         )
         entry["auto_backends"] = [s["backend"] for s in states]

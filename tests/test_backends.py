@@ -114,6 +114,51 @@ def test_auto_uses_gram_when_full_rank_and_subspace_when_low_rank():
     assert state["backend"] == "subspace"
 
 
+def test_second_round_certifies_a_basis_one_power_step_cannot_fix():
+    Y = low_rank_plus_noise()
+    backend = SubspaceBackend(iterations=2)
+    state = warm_state(backend, Y, 1.0)
+    U = torch.linalg.svd(Y).U
+    k = state["basis"].shape[-1]
+    state["basis"] = U[:, :k] + U[:, -k:]  # 45 degrees off the signal
+    res = prox_step(Y, 1.0, backend=backend, state=state)
+    assert state["rounds"] == 2 and state["backend"] == "subspace" and not state["fallback"]
+    bound = res.svd.error_bound.item()
+    assert 0 < bound <= 1e-4 * Y.norm().item()
+    assert torch.linalg.matrix_norm(res.X - svt(Y, 1.0)) <= bound
+    # a hard step doubles the oversampling margin (8 for 6 triplets) of the next block
+    assert k == 6 + 8 and state["basis"].shape[-1] == 6 + 2 * 8
+
+
+@pytest.mark.parametrize("power", [0, 1, 3])
+def test_every_power_of_the_tail_bound_certifies_a_clear_gap(power):
+    # power 0: probes only; 1: the power step fused into the Ritz products; 3: two more
+    s = torch.cat([torch.linspace(8, 3, 6), torch.full((54,), 0.01)]).double()
+    Y = spectrum_matrix(60, 80, s, 7)
+    backend = SubspaceBackend(power=power)
+    state = warm_state(backend, Y, 1.0)
+    res = prox_step(drift(Y, 1e-4, 2), 1.0, backend=backend, state=state)
+    assert state["backend"] == "subspace" and not state["fallback"]
+    bound = res.svd.error_bound.item()
+    assert torch.linalg.matrix_norm(res.X - svt(drift(Y, 1e-4, 2), 1.0)) <= bound
+
+
+def test_ritz_values_just_below_the_cutoff_join_the_certified_block():
+    # s_drop = 0.999: sqrt(s_drop^2 + tail^2) > cutoff for any honest tail bound, so the
+    # certificate must take the three values just below the cutoff into U_1
+    s = torch.cat(
+        [torch.linspace(8, 3, 6), torch.tensor([0.999, 0.998, 0.997]), torch.full((51,), 0.05)]
+    )
+    Y = spectrum_matrix(60, 80, s.double(), 8)
+    backend = SubspaceBackend()
+    state = warm_state(backend, Y, 1.0)
+    Y2 = drift(Y, 1e-5, 3)
+    res = prox_step(Y2, 1.0, backend=backend, state=state)
+    assert state["backend"] == "subspace" and not state["fallback"] and state["triplets"] == 6
+    bound = res.svd.error_bound.item()
+    assert torch.linalg.matrix_norm(res.X - svt(Y2, 1.0)) <= bound <= 1e-4 * Y2.norm().item()
+
+
 def test_fallback_when_the_warm_basis_misses_the_top_directions():
     Y = low_rank_plus_noise()
     backend = SubspaceBackend(iterations=1)
