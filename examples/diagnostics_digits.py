@@ -3,7 +3,7 @@
 Trains with the nuclear-norm prox, then prints the per-layer report and saves the plot
 (rank trajectories, spectra before/after the last prox) and a JSON-lines log.
 
-    python examples/diagnostics_digits.py [--steps 600] [--out diagnostics_digits.png]
+    python examples/diagnostics_digits.py [--steps 600] [--out runs/diagnostics_digits.png]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lam", type=float, default=0.05)
-    parser.add_argument("--out", default="diagnostics_digits.png")
-    parser.add_argument("--log", default="diagnostics_digits.jsonl")
+    parser.add_argument("--out", default="runs/diagnostics_digits.png")
+    parser.add_argument("--log", default="runs/diagnostics_digits.jsonl")
     args = parser.parse_args()
 
     X, y = load_digits(return_X_y=True)

@@ -560,6 +560,7 @@ class Diagnostics:
             ax_rank.legend(fontsize="small")
         fig.tight_layout()
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         return path
 
@@ -739,6 +740,7 @@ class CSVLogger(DiagnosticsLogger):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("w", newline="")
         self._writer = csv.writer(self._file)
         self._writer.writerow(("step", "layer", *self.LAYER_COLUMNS, *self.MODEL_COLUMNS))
@@ -763,6 +765,7 @@ class JSONLinesLogger(DiagnosticsLogger):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("w")
 
     def log(self, snap: ModelDiagnostics) -> None:

@@ -553,3 +553,13 @@ def test_figures_under_a_metric_are_in_the_regularised_matrix_space():
     scale = max(float(outputs[1].norm()), float(outputs[0].norm()))
     assert layer.relative_step == pytest.approx(step / scale)
     assert layer.grad_mapping_norm == pytest.approx(step / 0.1)
+
+
+def test_loggers_create_their_folder(tmp_path):
+    for cls, name in (
+        (proxrank.CSVLogger, "a/b/log.csv"),
+        (proxrank.JSONLinesLogger, "c/log.jsonl"),
+    ):
+        logger = cls(tmp_path / name)
+        assert (tmp_path / name).exists()
+        logger.close()
