@@ -340,15 +340,15 @@ class Diagnostics:
 
     # -- recording (hot path: tensors only, no synchronisation) ---------------------------
     @torch.no_grad()
-    def record(self, job: _Job, W: Tensor, result: ProxResult) -> None:
-        """Update one matrix from its prox: ``W`` the input ``(m, n)`` and ``result`` the
-        :func:`proxrank.functional.prox_step` output. Call it before ``X`` is written into the
+    def record(self, job: _Job, W: Tensor, Y: Tensor, result: ProxResult) -> None:
+        """Update one matrix from its prox: ``W`` the input ``(m, n)``, ``Y`` the matrix the
+        prox thresholded (``W`` itself, or ``A^{1/2} W B^{1/2}`` under a metric) and ``result``
+        the :func:`proxrank.functional.prox_step` output. Call it before ``X`` is written into the
         parameter (``W`` may share its storage)."""
         layer = self._layer(job.param)
         S_new, X = result.S_new, result.X
         rank = torch.count_nonzero(S_new)
-        # spectral figures are those of the regularised matrix: A^{1/2} W B^{1/2} in a metric
-        Y = W if job.weighting is None else job.weighting.to_metric(W)
+        # spectral figures are those of the regularised matrix Y (A^{1/2} W B^{1/2} in a metric)
         nuclear = S_new.sum()
         out_sq = S_new.square().sum()
         in_sq = torch.linalg.vector_norm(Y).square()
@@ -391,7 +391,7 @@ class Diagnostics:
         layer.tau = float(job.tau) if job.rank is None else math.nan
         layer.backend = str(job.state.get("backend", self.optimizer.backend.name))
         layer.step = self._step
-        layer.spectra = (self._spectrum_before(layer, W, result.svd.S), S_new.detach())
+        layer.spectra = (self._spectrum_before(layer, Y, result.svd.S), S_new.detach())
         self._recorded.append(layer)
 
     def _realised_step(
@@ -414,13 +414,13 @@ class Diagnostics:
             layer.prev = written.detach().clone() if aliased else written.detach()
         return step_norm, relative
 
-    def _spectrum_before(self, layer: _Layer, W: Tensor, S: Tensor) -> Tensor:
+    def _spectrum_before(self, layer: _Layer, Y: Tensor, S: Tensor) -> Tensor:
         """The input's singular values as the backend returned them; all of them every
         ``full_spectrum_every`` steps when the backend returned only the largest."""
         m, n = layer.shape
         every = self.full_spectrum_every
         if every and self._step % every == 0 and S.shape[-1] < min(m, n):
-            return torch.linalg.svdvals(W)
+            return torch.linalg.svdvals(Y)
         return S.detach()
 
     def end_step(self, loss: Any = None) -> None:

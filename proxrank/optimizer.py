@@ -53,6 +53,15 @@ def _unbatch(result: ProxResult, i: int, transposed: bool) -> ProxResult:
     return ProxResult(X, SVDResult(U, S, Vh, bound), result.S_new[i])
 
 
+@contextlib.contextmanager
+def _naming_errors(name: str) -> Iterator[None]:
+    """Prefix a metric's error with the name of the weight it concerns."""
+    try:
+        yield
+    except (FloatingPointError, ValueError) as err:
+        raise type(err)(f"weight {name!r}: {err}") from None
+
+
 def _check_lam(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{where} must be a real number >= 0, got {value!r}")
@@ -183,7 +192,7 @@ class ProxRank(Optimizer):
         for i, group in enumerate(self.param_groups):
             self._init_group(group, where=f"param_groups[{i}]")
         self._refresh_targets()
-        self._sync_input_hooks(self._resolved_groups())
+        self._sync_input_hooks(self._target_metrics(self._resolved_groups()))
         if schedule is not None:
             schedule.check(self._targets)
         #: Number of completed steps (base step + prox).
@@ -254,7 +263,6 @@ class ProxRank(Optimizer):
         old = getattr(self, "_target_state", {})
         self._targets = chosen
         self._position = {id(t.param): position[id(t.param)] for t in chosen}
-        self._param_of = {id(t.param): t.param for t in chosen}
         self._target_state: dict[int, dict[str, Any]] = {
             id(t.param): old.get(id(t.param), {}) for t in chosen
         }
@@ -274,21 +282,21 @@ class ProxRank(Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # -- metric statistics ---------------------------------------------------------------
-    def _target_metrics(self, groups: list[tuple[dict[str, Any], tuple]]) -> dict[int, Metric]:
-        return {
-            id(p): metric
-            for group, (_, _, metric) in groups
-            for p in group["params"]
-            if id(p) in self._target_state
-        }
+    def _target_metrics(
+        self, groups: list[tuple[dict[str, Any], tuple]]
+    ) -> list[tuple[Target, Metric]]:
+        """Each selected matrix with its group's metric."""
+        metric_of = {id(p): metric for group, (_, _, metric) in groups for p in group["params"]}
+        return [(t, metric_of[id(t.param)]) for t in self._targets if id(t.param) in metric_of]
 
-    def _sync_input_hooks(self, groups: list[tuple[dict[str, Any], tuple]]) -> None:
+    def _sync_input_hooks(self, metrics: list[tuple[Target, Metric]]) -> None:
         """Forward pre-hooks exactly on the layers whose metric needs inputs (none after
         :meth:`close`)."""
-        names = {id(t.param): t.name for t in self._targets}
-        wanted = {k: m for k, m in self._target_metrics(groups).items() if m.needs_inputs}
-        for key, metric in wanted.items():
-            metric.check_module(names[key], self._modules.get(key))
+        wanted = {}
+        for t, metric in metrics:
+            if metric.needs_inputs:
+                metric.check_module(t.name, self._modules.get(id(t.param)))
+                wanted[id(t.param)] = metric
         self._hooked_metric = wanted
         if self._closed:
             return
@@ -302,21 +310,19 @@ class ProxRank(Optimizer):
         module = self._modules[key]
         if metric is not None and module.training:
             dtype = compute_dtype(module.weight.dtype)
-            with self._naming_errors(key):
+            name = next(t.name for t in self._targets if id(t.param) == key)
+            with _naming_errors(name):
                 metric.observe_input(self._target_state[key], x.to(dtype))
 
     @torch.no_grad()
-    def _observe_grads(self, groups: list[tuple[dict[str, Any], tuple]]) -> None:
-        for key, metric in self._target_metrics(groups).items():
-            if not metric.needs_grads:
-                continue
-            p = self._param_of[key]
-            if p.grad is not None and not p.grad.is_sparse:
+    def _observe_grads(self, metrics: list[tuple[Target, Metric]]) -> None:
+        for t, metric in metrics:
+            p = t.param
+            if metric.needs_grads and p.grad is not None and not p.grad.is_sparse:
                 g = p.grad.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-                with self._naming_errors(key):
-                    metric.observe_grad(self._target_state[key], g)
+                with _naming_errors(t.name):
+                    metric.observe_grad(self._target_state[id(p)], g)
 
-    @contextlib.contextmanager
     def _naming_errors(self, key: int) -> Iterator[None]:
         """Prefix a metric's error with the name of the weight it concerns."""
         try:
@@ -358,15 +364,16 @@ class ProxRank(Optimizer):
         groups = self._resolved_groups()
         if self.check_finite and closure is None:
             self._raise_if_nonfinite("before the step (nothing was changed)", grads=True)
-        self._sync_input_hooks(groups)
+        metrics = self._target_metrics(groups)
+        self._sync_input_hooks(metrics)
         if closure is None:
-            self._observe_grads(groups)
+            self._observe_grads(metrics)
         # every option, metric weighting and schedule decision is settled (and can raise)
         # before the base step changes anything
         jobs = self._collect_jobs(groups)
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         if closure is not None:
-            self._observe_grads(groups)
+            self._observe_grads(metrics)
         if self.check_finite:
             self._raise_if_nonfinite("after the base optimizer's step", grads=False)
         self._apply_prox(jobs)
@@ -433,10 +440,9 @@ class ProxRank(Optimizer):
         for job in batch:
             p = job.param
             W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-            Y = W if job.weighting is None else job.weighting.to_metric(W)
             Ws.append(W)
-            Ys.append(Y.mT if Y.shape[0] > Y.shape[1] else Y)
-        Y = torch.stack(Ys)
+            Ys.append(W if job.weighting is None else job.weighting.to_metric(W))
+        Y = torch.stack([Yi.mT if Yi.shape[0] > Yi.shape[1] else Yi for Yi in Ys])
         states = [job.state for job in batch]
         first = batch[0]
         if first.rank is None:
@@ -444,12 +450,12 @@ class ProxRank(Optimizer):
             result = prox_step(Y, tau, first.prox, self.backend, states)
         else:
             result = rank_prox_step(Y, first.rank, first.prox, self.backend, states)
-        for i, (job, W) in enumerate(zip(batch, Ws, strict=True)):
+        for i, (job, W, Yi) in enumerate(zip(batch, Ws, Ys, strict=True)):
             mine = _unbatch(result, i, transposed=W.shape[0] > W.shape[1])
             if job.weighting is not None:
                 mine = mine._replace(X=job.weighting.from_metric(mine.X))
             if self.tracker is not None:  # before the write-back: W may share p's storage
-                self.tracker.record(job, W, mine)
+                self.tracker.record(job, W, Yi, mine)
             job.param.copy_(mine.X.reshape(job.param.shape))
             if self.schedule is not None:  # the rank a schedule freezes at
                 job.state["rank"] = int((mine.S_new > 0).sum())
