@@ -22,7 +22,8 @@ import torch
 
 import proxrank
 from proxrank.functional import prox_step
-from proxrank.optimizer import _Job
+from proxrank.prox import SoftThreshold
+from proxrank.records import ProxStep
 
 
 def build(width: int, diagnostics: bool | proxrank.Diagnostics, seed: int = 0):
@@ -62,16 +63,33 @@ def per_matrix(shapes: list[tuple[int, int]], repeats: int) -> None:
         opt = proxrank.ProxRank(
             torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=1.0, diagnostics=True
         )
-        job = _Job(lin.weight, {}, 0.1, proxrank.SoftThreshold(), 0.1)
         W = lin.weight.detach().clone()
-        result = prox_step(W, job.tau, job.prox, opt.backend, job.state)
+        tau, state = 0.1, {}
+        result = prox_step(W, tau, SoftThreshold(), opt.backend, state)
+        step = ProxStep(
+            name="weight",
+            shape=(m, n),
+            prox=SoftThreshold(),
+            tau=tau,
+            rank_target=None,
+            lam=1.0,
+            lr=0.1,
+            W=W,
+            Y=W,
+            X=result.X,
+            S=result.svd.S,
+            S_new=result.S_new,
+            error_bound=result.svd.error_bound,
+            method=opt.backend.name,
+            weight_dtype=W.dtype,
+        )
         prox_times, record_times = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            prox_step(W, job.tau, job.prox, opt.backend, job.state)
+            prox_step(W, tau, SoftThreshold(), opt.backend, state)
             prox_times.append(time.perf_counter() - start)
             start = time.perf_counter()
-            opt.tracker.record(job, W, result)
+            opt.tracker.record(step)
             record_times.append(time.perf_counter() - start)
         p, r = statistics.median(prox_times), statistics.median(record_times)
         print(

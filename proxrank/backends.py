@@ -121,6 +121,15 @@ class Backend(abc.ABC):
         """Triplets of ``Y`` (``(..., m, n)``, float32 or float64): every one with
         ``s > cutoff`` and at least the ``min_rank`` largest (a rank target needs them)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The backend's own state (random generators), saved in the optimizer's checkpoint."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, validating it before changing anything."""
+        if state_dict:
+            raise ValueError(f"{type(self).__name__} keeps no state; got {sorted(state_dict)}")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from .backends import compute_dtype
 from .functional import project_rank
-from .metrics import AdamMetric, InputHooks, Metric, Weighting, get_metric
+from .metrics import AdamMetric, Metric, Weighting, get_metric
 from .selection import Selector, Target, select_targets
+from .statistics import InputHooks, gradient_matrix
 
 __all__ = ["LayerCompression", "compress"]
 
@@ -50,15 +51,14 @@ class LayerCompression:
 
 
 class _Statistics:
-    """Per-weight metric state while gathering (the owner of the input hooks)."""
+    """Per-matrix metric state while gathering (the owner of the input hooks)."""
 
     def __init__(self, metric: Metric, targets: list[Target]) -> None:
         self.metric = metric
-        self.states: dict[int, dict[str, Any]] = {id(t.param): {} for t in targets}
-        self.dtypes = {id(t.param): compute_dtype(t.param.dtype) for t in targets}
+        self.states: list[dict[str, Any]] = [{} for _ in targets]
 
     def observe_input(self, key: int, x: Tensor) -> None:
-        self.metric.observe_input(self.states[key], x.to(self.dtypes[key]))
+        self.states[key].update(self.metric.observe_input(self.states[key], x))
 
 
 def _check_rank_ratio(rank: Any, ratio: Any) -> None:
@@ -120,18 +120,19 @@ def _gather(
     metric: Metric,
     data: Iterable[Any],
     loss_fn: Callable[[Tensor, Any], Tensor],
-) -> dict[int, dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """Run ``data`` through ``model`` (eval mode, weights and ``.grad`` untouched) and feed the
-    metric its gradient and input statistics."""
+    metric its gradient and input statistics; one state per target."""
     stats = _Statistics(metric, targets)
     hooks = InputHooks(stats, _Statistics.observe_input)
     was_training = model.training
-    params = [t.param for t in targets]
+    params = list({id(t.param): t.param for t in targets}.values())
     batches = 0
     try:
         if metric.needs_inputs:
-            for t in targets:
-                hooks.add(id(t.param), model.get_submodule(t.name.rpartition(".")[0]))
+            for i, t in enumerate(targets):
+                owner = model.get_submodule(t.param_name.rpartition(".")[0])
+                hooks.add(i, owner, compute_dtype(t.param.dtype))
         model.eval()
         for batch in data:
             x, y = _split_batch(batch, metric.needs_grads)
@@ -143,10 +144,11 @@ def _gather(
             with torch.enable_grad():
                 loss = loss_fn(model(x), y)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads, strict=True):
+            grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
+            for t, state in zip(targets, stats.states, strict=True):
+                g = grad_of[id(t.param)]
                 if g is not None:
-                    g2 = g.reshape(p.shape[0], -1).to(stats.dtypes[id(p)])
-                    metric.observe_grad(stats.states[id(p)], g2)
+                    state.update(metric.observe_grad(state, gradient_matrix(t, g)))
     finally:
         hooks.remove()
         model.train(was_training)
@@ -191,8 +193,8 @@ def compress(
         raise ValueError("no weight matrix selected; check include/exclude")
     for t in targets:
         if resolved.needs_inputs:
-            resolved.check_module(t.name, model.get_submodule(t.name.rpartition(".")[0]))
-    states: dict[int, dict[str, Any]] = {id(t.param): {} for t in targets}
+            resolved.check_target(t)
+    states: list[dict[str, Any]] = [{} for _ in targets]
     if resolved.needs_grads or resolved.needs_inputs:
         if data is None:
             raise ValueError(
@@ -203,11 +205,11 @@ def compress(
 
     new_weights, reports = [], []
     with torch.no_grad():
-        for t in targets:
+        for t, state in zip(targets, states, strict=True):
             m, n = t.shape2d
             r = _layer_rank(m, n, rank, ratio)
-            W = t.param.detach().reshape(m, n).to(compute_dtype(t.param.dtype))
-            weighting = resolved.weighting(states[id(t.param)], {}, (m, n))
+            W = t.view.read(t.param.detach()).to(compute_dtype(t.param.dtype))
+            weighting = resolved.weighting(state, {}, (m, n))
             weighting = Weighting() if weighting is None else weighting.to(W.dtype)
             X = weighting.apply(lambda Z, r=r: project_rank(Z, r), W)
             err = torch.linalg.norm(weighting.to_metric(W - X)) / torch.linalg.norm(
@@ -216,12 +218,12 @@ def compress(
             fro = torch.linalg.norm(W - X) / torch.linalg.norm(W).clamp_min(
                 torch.finfo(W.dtype).tiny
             )
-            new_weights.append((t.param, X))
+            new_weights.append((t, X))
             reports.append(
                 LayerCompression(
                     t.name, (m, n), r, float(err), float(fro), m * n, min(m * n, r * (m + n))
                 )
             )
-        for p, X in new_weights:
-            p.copy_(X.reshape(p.shape))
+        for t, X in new_weights:
+            t.view.write(t.param, X)
     return reports

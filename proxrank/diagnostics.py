@@ -1,6 +1,6 @@
 r"""Convergence diagnostics: where each weight matrix stands, updated by every prox step.
 
-Every figure comes from what the prox already computed (:class:`proxrank.functional.ProxResult`:
+Every figure comes from what the prox already computed (:class:`proxrank.records.ProxStep`:
 the input's singular values ``s = svd.S``, the mapped ones ``s' = S_new`` and the output ``X``),
 plus two ``O(mn)`` norms. With ``W`` the weight entering the prox (after the base step),
 ``X = prox(W)`` the weight written back and ``X_prev`` the weight the previous prox wrote:
@@ -72,8 +72,8 @@ from torch import Tensor
 from .prox import HardThreshold, SoftThreshold
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .functional import ProxResult
-    from .optimizer import ProxRank, _Job
+    from .optimizer import ProxRank
+    from .records import ProxStep
 
 __all__ = [
     "CSVLogger",
@@ -85,6 +85,7 @@ __all__ = [
     "LayerDiagnostics",
     "ModelDiagnostics",
     "TensorBoardLogger",
+    "json_safe",
 ]
 
 #: Per-step statistics kept as one small tensor per matrix (and in the history), in this order.
@@ -304,7 +305,6 @@ class Diagnostics:
         self._layers: dict[str, _Layer] = {}
         self._recorded: list[_Layer] = []  # matrices recorded during the current step
         self._owner: weakref.ReferenceType[ProxRank] | None = None
-        self._names: dict[int, tuple[str, tuple[int, int]]] = {}
         self._step = 0
         self._loss: Tensor | float | None = None
         self._objective: Tensor | float | None = None
@@ -319,6 +319,11 @@ class Diagnostics:
             )
         self._owner = weakref.ref(optimizer)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_owner"] = None  # a weak reference; the copied ProxRank binds its copy again
+        return state
+
     @property
     def optimizer(self) -> ProxRank:
         owner = None if self._owner is None else self._owner()
@@ -329,24 +334,19 @@ class Diagnostics:
             )
         return owner
 
-    def _layer(self, param: Tensor) -> _Layer:
-        key = id(param)
-        if key not in self._names:
-            self._names = {id(t.param): (t.name, t.shape2d) for t in self.optimizer.targets}
-        name, shape = self._names[key]
-        if name not in self._layers:
-            self._layers[name] = _Layer(name, shape)
-        return self._layers[name]
+    def _layer(self, step: ProxStep) -> _Layer:
+        if step.name not in self._layers:
+            self._layers[step.name] = _Layer(step.name, step.shape)
+        return self._layers[step.name]
 
     # -- recording (hot path: tensors only, no synchronisation) ---------------------------
     @torch.no_grad()
-    def record(self, job: _Job, W: Tensor, Y: Tensor, result: ProxResult) -> None:
-        """Update one matrix from its prox: ``W`` the input ``(m, n)``, ``Y`` the matrix the
-        prox thresholded (``W`` itself, or ``A^{1/2} W B^{1/2}`` under a metric) and ``result``
-        the :func:`proxrank.functional.prox_step` output. Call it before ``X`` is written into the
-        parameter (``W`` may share its storage)."""
-        layer = self._layer(job.param)
-        S_new, X = result.S_new, result.X
+    def record(self, step: ProxStep) -> None:
+        """Update one matrix from the :class:`proxrank.records.ProxStep` its prox emitted (the
+        optimizer calls it before ``X`` is written into the parameter: ``W`` may share its
+        storage)."""
+        layer = self._layer(step)
+        S_new, X, W, Y = step.S_new, step.X, step.W, step.Y
         rank = torch.count_nonzero(S_new)
         # spectral figures are those of the regularised matrix Y (A^{1/2} W B^{1/2} in a metric)
         nuclear = S_new.sum()
@@ -356,7 +356,7 @@ class Diagnostics:
         effective_rank = torch.where(nuclear > 0, torch.exp(-torch.xlogy(p, p).sum()), 0)
         energy_removed = torch.where(in_sq > 0, 1 - out_sq / in_sq, 0).clamp(0, 1)
         # steps are measured in the weight's own coordinates
-        step_norm, relative_step = self._realised_step(layer, job, X, torch.linalg.vector_norm(X))
+        step_norm, relative_step = self._realised_step(layer, step, torch.linalg.vector_norm(X))
         nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
 
         zero = torch.zeros((), dtype=torch.int64, device=X.device)
@@ -367,15 +367,14 @@ class Diagnostics:
         small_step = relative_step <= self.rule.tol  # False while NaN
         layer.below_tol = torch.where(small_step, layer.below_tol + 1, zero)
 
-        lam = job.tau / job.lr if job.lr > 0 and job.rank is None else math.nan
+        lam = step.tau / step.lr if step.lr > 0 and step.rank_target is None else math.nan
         reg = nan  # also while a rank target sets the threshold from the spectrum (lam is NaN)
-        if isinstance(job.prox, SoftThreshold):
+        if isinstance(step.prox, SoftThreshold):
             reg = lam * nuclear
-        elif isinstance(job.prox, HardThreshold):
+        elif isinstance(step.prox, HardThreshold):
             reg = lam * rank.to(X.dtype)
         layer.reg_in, layer.reg = (nan if layer.reg is None else layer.reg), reg
         layer.rank = rank
-        error_bound = job.state.get("error_bound", result.svd.error_bound)
         layer.stats = torch.stack(
             [
                 rank.to(X.dtype),
@@ -383,24 +382,25 @@ class Diagnostics:
                 nuclear,
                 energy_removed,
                 torch.dist(X, W),  # prox residual
-                step_norm / job.lr if job.lr > 0 else nan,  # gradient mapping
+                step_norm / step.lr if step.lr > 0 else nan,  # gradient mapping
                 relative_step,
-                torch.as_tensor(error_bound, dtype=X.dtype, device=X.device).reshape(()),
+                step.error_bound.to(dtype=X.dtype, device=X.device).reshape(()),
             ]
         )
-        layer.tau = float(job.tau) if job.rank is None else math.nan
-        layer.backend = str(job.state.get("backend", self.optimizer.backend.name))
+        layer.tau = float(step.tau)
+        layer.backend = step.method
         layer.step = self._step
-        layer.spectra = (self._spectrum_before(layer, Y, result.svd.S), S_new.detach())
+        layer.spectra = (self._spectrum_before(layer, Y, step.S), S_new.detach())
         self._recorded.append(layer)
 
     def _realised_step(
-        self, layer: _Layer, job: _Job, X: Tensor, out_norm: Tensor
+        self, layer: _Layer, step: ProxStep, out_norm: Tensor
     ) -> tuple[Tensor, Tensor]:
         """``||X - X_prev||_F`` and its relative size (NaN without ``X_prev``); keeps ``X`` as the
         next ``X_prev`` when ``track_step`` (the prox's fresh output, never a view of the
         weight, cast to the weight's dtype: what is written back)."""
-        written = X.to(job.param.dtype)
+        X = step.X
+        written = X.to(step.weight_dtype)
         nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
         step_norm, relative = nan, nan
         prev, layer.prev = layer.prev, None
@@ -409,9 +409,8 @@ class Diagnostics:
             scale = torch.maximum(out_norm, layer.norm.to(X))
             relative = torch.where(scale > 0, step_norm / torch.where(scale > 0, scale, 1), 0)
         layer.norm = out_norm
-        if self.track_step:
-            aliased = written.untyped_storage().data_ptr() == job.param.untyped_storage().data_ptr()
-            layer.prev = written.detach().clone() if aliased else written.detach()
+        if self.track_step:  # X is the prox's fresh output, never a view of the weight
+            layer.prev = written.detach()
         return step_norm, relative
 
     def _spectrum_before(self, layer: _Layer, Y: Tensor, S: Tensor) -> Tensor:
@@ -769,20 +768,22 @@ class JSONLinesLogger(DiagnosticsLogger):
         self._file = self.path.open("w")
 
     def log(self, snap: ModelDiagnostics) -> None:
-        self._file.write(json.dumps(_nan_to_none(snap.to_dict())) + "\n")
+        self._file.write(json.dumps(json_safe(snap.to_dict())) + "\n")
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
 
 
-def _nan_to_none(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """``obj`` (dicts, lists, numbers) with every non-finite float replaced by ``None``
+    (JSON has no NaN)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_nan_to_none(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 

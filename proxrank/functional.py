@@ -15,6 +15,7 @@ Half-precision inputs are computed in float32 and returned in their own dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ __all__ = [
     "project_rank",
     "project_spectral_ball",
     "prox_step",
+    "rank_prox_step",
     "reconstruct",
     "singular_value_map",
     "svt",
@@ -136,3 +138,25 @@ def prox_step(
     result = backend.svd(Y, prox.cutoff(tau), {} if state is None else state)
     S_new = prox(result.S, tau)
     return ProxResult(reconstruct(result.U, S_new, result.Vh), result, S_new)
+
+
+def rank_prox_step(
+    Y: Tensor, rank: int, prox: ProxMap, backend: Backend, state: State
+) -> ProxResult:
+    """Bring ``Y`` (``m x n``, compute dtype) to rank ``rank`` by thresholding at its spectrum.
+
+    :class:`~proxrank.prox.SoftThreshold`: ``s -> max(s - s_{r+1}, 0)`` (the prox of
+    ``tau ||.||_*`` with ``tau = s_{r+1}``: the kept values are shrunk); any other map (hard):
+    keep the ``r`` largest singular values (Eckart-Young projection). Asks the backend for the
+    ``r + 1`` largest triplets only.
+    """
+    k = min(Y.shape[-2:])
+    cutoff = torch.full(Y.shape[:-2], math.inf, dtype=Y.dtype, device=Y.device)
+    svd = backend.svd(Y, cutoff, state, min_rank=min(rank + 1, k))
+    S = svd.S
+    if isinstance(prox, SoftThreshold):
+        tau = S[..., rank] if S.shape[-1] > rank else torch.zeros((), dtype=S.dtype)
+        S_new = prox(S, tau)
+    else:
+        S_new = torch.where(torch.arange(S.shape[-1], device=S.device) < rank, S, 0)
+    return ProxResult(reconstruct(svd.U, S_new, svd.Vh), svd, S_new)

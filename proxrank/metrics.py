@@ -40,18 +40,18 @@ from __future__ import annotations
 
 import abc
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import compute_dtype
 from .functional import project_rank, prox_step
 from .prox import ProxMap, get_prox
+from .selection import Target
 
 __all__ = [
     "ActivationMetric",
@@ -70,6 +70,9 @@ __all__ = [
 #: Base-optimizer state keys holding a running mean of squared gradients (``"adam"`` metric):
 #: Adam/AdamW/NAdam/RAdam/SparseAdam, RMSprop/Adadelta, Adagrad (a running sum).
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "square_avg", "sum")
+#: Layer kinds (:mod:`proxrank.selection`) whose matrix columns are the layer's input features,
+#: so that input statistics weight them.
+INPUT_KINDS = ("linear", "hf_conv1d")
 #: torch optimizers known to keep no second moment.
 _NO_SECOND_MOMENT = (
     torch.optim.SGD,
@@ -194,23 +197,24 @@ def damped(stat: Tensor | None, damping: float) -> Tensor | None:
     return (normed + damping * eye) / (1 + damping)
 
 
-def _accumulate(state: dict[str, Any], key: str, value: Tensor, beta: float | None) -> None:
-    """``state[key]``: EMA ``s_t = beta s_{t-1} + (1 - beta) v_t`` from ``s_0 = 0``, or with
-    ``beta=None`` the plain mean of all ``v_t``; ``state[key + "_count"] = t``. A new tensor is
-    stored each time (saved state dicts are not mutated)."""
-    if not bool(torch.isfinite(value).all()):
-        raise FloatingPointError(
-            f"the {key} statistic is not finite (inf/NaN or overflowing inputs or gradients); "
-            "it was not stored. Check the data, or use metric='euclidean'"
-        )
+def _accumulate(
+    state: dict[str, Any], key: str, value: Tensor, beta: float | None
+) -> dict[str, Any]:
+    """The updates ``{key: s_t, key + "_count": t}``: EMA ``s_t = beta s_{t-1} + (1 - beta) v_t``
+    from ``s_0 = 0``, or with ``beta=None`` the plain mean of all ``v_t``. ``state`` is only
+    read; a non-finite statistic raises (and so is never stored)."""
     count = int(state.get(f"{key}_count", 0)) + 1
     old = state.get(key)
     if beta is None:
         new = value if old is None else old + (value - old) / count
     else:
         new = (1 - beta) * value if old is None else beta * old + (1 - beta) * value
-    state[key] = new
-    state[f"{key}_count"] = count
+    if not bool(torch.isfinite(new).all()):
+        raise FloatingPointError(
+            f"the {key} statistic is not finite (inf/NaN or overflowing inputs or gradients); "
+            "it was not stored. Check the data, or use metric='euclidean'"
+        )
+    return {key: new, f"{key}_count": count}
 
 
 def _check_damping(damping: Any) -> float:
@@ -255,7 +259,8 @@ class Metric(abc.ABC):
 
     ``needs_grads``: :meth:`observe_grad` is called once per optimizer step with the weight's
     gradient. ``needs_inputs``: :meth:`observe_input` is called on every forward pass of the
-    layer (a forward pre-hook) with its input.
+    layer (a forward pre-hook) with its input. Both only read ``state`` and return the updates
+    to store (so a failed step stores nothing).
     """
 
     name: str = ""
@@ -265,22 +270,21 @@ class Metric(abc.ABC):
     def __init__(self, *, damping: float = 1e-2) -> None:
         self.damping = _check_damping(damping)
 
-    def observe_grad(self, state: dict[str, Any], grad: Tensor) -> None:
-        """Update statistics from the gradient ``grad`` (``m x n``, compute dtype)."""
-        return None  # this metric needs nothing here
+    def observe_grad(self, state: dict[str, Any], grad: Tensor) -> dict[str, Any]:
+        """Statistics updated from the gradient ``grad`` (``m x n``, compute dtype)."""
+        return {}
 
-    def observe_input(self, state: dict[str, Any], x: Tensor) -> None:
-        """Update statistics from a layer input ``x`` (``(..., n)``, compute dtype)."""
-        return None  # this metric needs nothing here
+    def observe_input(self, state: dict[str, Any], x: Tensor) -> dict[str, Any]:
+        """Statistics updated from a layer input ``x`` (``(..., n)``, float32/float64)."""
+        return {}
 
     def check_optimizer(self, optimizer: Optimizer) -> None:
         """Raise when this metric cannot work with ``optimizer``."""
         return None  # this metric needs nothing here
 
-    def check_module(self, name: str, module: nn.Module | None) -> None:
-        """Raise when this metric cannot gather statistics for the weight ``name`` of
-        ``module`` (``None``: selected from named parameters, no module known)."""
-        return None  # this metric needs nothing here
+    def check_target(self, target: Target) -> None:
+        """Raise when this metric cannot gather statistics for the selected matrix ``target``."""
+        return None  # this metric can weight any matrix
 
     @abc.abstractmethod
     def statistics(
@@ -333,7 +337,7 @@ class FisherMetric(Metric):
         self.beta = _check_beta(beta)
 
     def observe_grad(self, state, grad):
-        _accumulate(state, "fisher", _side_sum(self.side, grad * grad), self.beta)
+        return _accumulate(state, "fisher", _side_sum(self.side, grad * grad), self.beta)
 
     def statistics(self, state, base_state, shape):
         return _as_pair(self.side, state.get("fisher"))
@@ -390,17 +394,17 @@ class ActivationMetric(Metric):
         self.max_full = max_full
         self.beta = _check_beta(beta)
 
-    def check_module(self, name, module):
-        if module is None:
+    def check_target(self, target):
+        if target.module_type is None:
             raise ValueError(
                 f"metric={self.name!r} gathers layer inputs with forward hooks and needs the "
-                f"model: pass the nn.Module as model_or_named_params (weight {name!r})"
+                f"model: pass the nn.Module as model_or_named_params (weight {target.name!r})"
             )
-        if type(module) is not nn.Linear:
+        if target.kind not in INPUT_KINDS:
             raise ValueError(
-                f"metric={self.name!r} supports nn.Linear weights only; {name!r} belongs to a "
-                f"{type(module).__name__}: exclude it, or give its param group "
-                "metric='fisher' or 'euclidean'"
+                f"metric={self.name!r} supports nn.Linear and transformers' Conv1D weights "
+                f"only; {target.name!r} belongs to a {target.module_type.__name__}: exclude it, "
+                "or give its param group metric='fisher' or 'euclidean'"
             )
 
     def observe_input(self, state, x):
@@ -409,7 +413,7 @@ class ActivationMetric(Metric):
             stat = X.mT @ X / X.shape[0]
         else:
             stat = (X * X).mean(dim=0)
-        _accumulate(state, "activation", stat, self.beta)
+        return _accumulate(state, "activation", stat, self.beta)
 
     def statistics(self, state, base_state, shape):
         return None, state.get("activation")
@@ -431,13 +435,13 @@ class TwoSidedMetric(Metric):
         self.activation = ActivationMetric(max_full=max_full, beta=beta, damping=damping)
 
     def observe_grad(self, state, grad):
-        self.fisher.observe_grad(state, grad)
+        return self.fisher.observe_grad(state, grad)
 
     def observe_input(self, state, x):
-        self.activation.observe_input(state, x)
+        return self.activation.observe_input(state, x)
 
-    def check_module(self, name, module):
-        self.activation.check_module(name, module)
+    def check_target(self, target):
+        self.activation.check_target(target)
 
     def statistics(self, state, base_state, shape):
         return (
@@ -462,47 +466,3 @@ def get_metric(metric: str | Metric, *, option: str = "metric", **kwargs: Any) -
         f"{option}={metric!r} is not a known metric; use one of {sorted(_METRICS)} "
         "or a proxrank.metrics.Metric instance"
     )
-
-
-# -- forward hooks -----------------------------------------------------------------------------
-class InputHooks:
-    """Forward pre-hooks feeding layer inputs to ``sink(key, x)``; the hooks hold ``sink`` only
-    through a weak reference to ``owner`` (so they never keep it alive) and are all removed by
-    :meth:`remove` or when ``owner`` is garbage-collected."""
-
-    def __init__(self, owner: Any, sink: Callable[[Any, int, Tensor], None]) -> None:
-        self._handles: dict[int, Any] = {}
-        self._owner = weakref.ref(owner)
-        self._sink = sink
-        self._finalizer = weakref.finalize(owner, _remove_handles, self._handles)
-
-    def keys(self) -> set[int]:
-        return set(self._handles)
-
-    def add(self, key: int, module: nn.Module) -> None:
-        if key in self._handles:
-            return
-        owner_ref, sink = self._owner, self._sink
-
-        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            owner = owner_ref()
-            if owner is not None and args and isinstance(args[0], Tensor):
-                with torch.no_grad():
-                    sink(owner, key, args[0].detach())
-
-        self._handles[key] = module.register_forward_pre_hook(hook)
-
-    def discard(self, key: int) -> None:
-        handle = self._handles.pop(key, None)
-        if handle is not None:
-            handle.remove()
-
-    def remove(self) -> None:
-        """Remove every hook (idempotent)."""
-        self._finalizer()
-
-
-def _remove_handles(handles: dict[int, Any]) -> None:
-    for handle in handles.values():
-        handle.remove()
-    handles.clear()

@@ -1,25 +1,37 @@
-"""The :class:`ProxRank` optimizer wrapper: a base optimizer step followed by a proximal step."""
+"""The :class:`ProxRank` optimizer wrapper: a base optimizer step followed by a proximal step.
+
+One step is a short pipeline (``ARCHITECTURE.md`` follows it in prose):
+
+1. :meth:`ProxRank._prepare` settles everything that can fail: options, finite checks, metric
+   statistics and weights, schedule decisions. It returns the step's :class:`_Work` and
+   changes nothing.
+2. the base optimizer's step;
+3. :meth:`ProxRank._compute`: the batched prox of every matrix with a job, through the backend,
+   on copies of the backend's state. Nothing is written.
+4. :meth:`ProxRank._commit`: the weights and every namespace of state are written, once.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import Backend, SVDResult, compute_dtype, get_backend
+from .backends import Backend, compute_dtype, get_backend
 from .diagnostics import Diagnostics, ModelDiagnostics
-from .functional import ProxResult, prox_step
-from .metrics import InputHooks, Metric, Weighting, get_metric
+from .functional import ProxResult, prox_step, rank_prox_step
+from .metrics import Metric, Weighting, get_metric
 from .prox import ProxMap, get_prox
-from .schedules import Schedule, rank_prox_step
+from .records import NAMESPACES, MatrixInfo, MatrixRecord, ProxStep
+from .schedules import Plan, Schedule
 from .selection import Selector, Target, select_targets
+from .statistics import InputHooks, gradient_matrix
 
 __all__ = ["ProxRank"]
 
@@ -27,54 +39,82 @@ __all__ = ["ProxRank"]
 GROUP_OPTIONS = ("lam", "prox", "metric")
 
 
+class _Options(NamedTuple):
+    """A param group's options, resolved."""
+
+    lam: float
+    prox: ProxMap
+    metric: Metric
+
+
 @dataclass
 class _Job:
-    """One matrix's prox at this step: the parameter, its proxrank state and its settings."""
+    """One matrix's prox at this step, settled before anything changes."""
 
-    param: nn.Parameter
-    state: dict[str, Any]
-    tau: float
-    prox: ProxMap
-    #: A rank target (set by a schedule): the threshold comes from the spectrum instead of tau.
-    rank: int | None = None
-    #: The metric's weights: the prox acts on ``A^{1/2} W B^{1/2}`` (``None``: Euclidean).
-    weighting: Weighting | None = None
-    #: The group's learning rate at this step (diagnostics: the gradient mapping).
-    lr: float = math.nan
+    index: int  # into ProxRank._records
+    plan: Plan
+    lam: float
+    lr: float
+    weighting: Weighting | None
 
 
-def _unbatch(result: ProxResult, i: int, transposed: bool) -> ProxResult:
-    """Matrix ``i`` of a batched :class:`ProxResult`, transposed back when it was transposed."""
-    svd = result.svd
-    U, S, Vh, bound = svd.U[i], svd.S[i], svd.Vh[i], svd.error_bound[i]
-    X = result.X[i]
-    if transposed:
-        X, U, Vh = X.mT, Vh.mT, U.mT
-    return ProxResult(X, SVDResult(U, S, Vh, bound), result.S_new[i])
+@dataclass
+class _Work:
+    """Everything one step will do: the jobs, and the state updates of every matrix (per
+    namespace), including matrices without a job (a schedule's accumulated threshold) and
+    matrices whose parameter was resized (``fresh``: their state starts over)."""
+
+    step: int
+    jobs: list[_Job] = field(default_factory=list)
+    updates: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    fresh: set[int] = field(default_factory=set)
+
+    def update(self, index: int, namespace: str, values: dict[str, Any]) -> None:
+        if values:
+            self.updates.setdefault(index, {}).setdefault(namespace, {}).update(values)
 
 
-@contextlib.contextmanager
-def _naming_errors(name: str) -> Iterator[None]:
-    """Prefix a metric's error with the name of the weight it concerns."""
-    try:
-        yield
-    except (FloatingPointError, ValueError) as err:
-        raise type(err)(f"weight {name!r}: {err}") from None
+class _Outcome(NamedTuple):
+    """A job's computed prox: ``X`` in weight coordinates (compute dtype), the matrix ``Y`` the
+    prox thresholded, the result in metric coordinates, and the backend's new state."""
+
+    X: Tensor
+    Y: Tensor
+    result: ProxResult
+    backend_state: dict[str, Any]
 
 
 def _check_lam(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, Tensor) or isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{where} must be a real number >= 0, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{where} must be finite and >= 0, got {value!r}")
     return float(value)
 
 
+def _nonfinite(tensors: list[Tensor]) -> int | None:
+    """Index of the first tensor holding inf/NaN (one host synchronisation), or ``None``."""
+    if not tensors:
+        return None
+    values = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    finite = torch.stack([torch.isfinite(v).all().to(values[0].device) for v in values])
+    if bool(finite.all()):
+        return None
+    return int((~finite).nonzero()[0])
+
+
+def _skipped_by_amp(kwargs: dict[str, Any]) -> bool:
+    """Whether a fused optimizer's AMP step skipped its update (``found_inf`` set)."""
+    found_inf = kwargs.get("found_inf")
+    return found_inf is not None and bool(found_inf.sum() > 0)
+
+
 class ProxRank(Optimizer):
     r"""Wrap any ``torch.optim.Optimizer`` so that every step is followed by a rank-reducing prox.
 
-    After each base step, every selected weight matrix ``W`` (a Linear weight, or a conv kernel
-    reshaped to ``out x (in kh kw)``) is replaced by
+    After each base step, every selected weight matrix ``W`` (a Linear weight, a conv kernel
+    reshaped to ``out x (in kh kw)``, a block of an attention or recurrent weight: see
+    :mod:`proxrank.selection`) is replaced by
 
         W <- prox_{tau R}(W) = U diag(phi_tau(s)) V^T,    tau = lam * lr,
 
@@ -84,46 +124,45 @@ class ProxRank(Optimizer):
     this is exactly proximal gradient descent on ``f(W) + lam ||W||_*``. ``prox="hard"`` keeps
     ``s > sqrt(2 tau)``: the prox of ``lam rank(W)``.
 
-    The wrapper *is* an optimizer: it shares ``param_groups`` and ``state`` with the base, passes
-    ``closure`` through and returns its loss, works with LR schedulers, ``GradScaler`` (a skipped
-    base step skips the prox) and optimizer hooks, and checkpoints with ``state_dict``.
+    The wrapper *is* an optimizer: it shares ``param_groups``, ``state`` and step hooks with the
+    base, passes ``closure`` through and returns its loss, works with LR schedulers,
+    ``GradScaler`` (a skipped step skips the prox; the fused optimizers' ``grad_scale`` /
+    ``found_inf`` are forwarded), deepcopy and pickle, and checkpoints with ``state_dict``.
+    Like torch's optimizers it leaves alone a weight whose ``.grad`` is ``None`` at this step
+    (frozen or unused); with ``tau = 0`` (``lr = 0``) a weight is left bit for bit as the base
+    step left it.
+
+    Every step is atomic: each error it can raise (bad options, non-finite weights, gradients or
+    statistics, a failed decomposition) is raised before any weight or state changes and names
+    the weight. Errors that only the base step can reveal (its output is not finite; with a
+    ``closure``, the gradients) are raised after the base step, before the prox changes anything.
 
     Args:
         optimizer: the base optimizer, already constructed over the model's parameters.
-        model_or_named_params: the model (selection by module type) or an iterable of
+        model_or_named_params: the model (selection by layer kind) or an iterable of
             ``(name, parameter)`` pairs such as ``model.named_parameters()``. Only parameters
             that ``optimizer`` trains get the prox.
         lam: regularisation strength ``lam >= 0``; a param group's ``"lam"`` key overrides it.
-            Optional (0) with a schedule that has a rank target.
+            Optional (1) with a schedule that has a rank target.
         prox: ``"soft"`` (nuclear norm, default) or ``"hard"`` (rank penalty), or a
             :class:`proxrank.prox.ProxMap`; a param group's ``"prox"`` key overrides it.
-        include: name patterns or module types that replace the default selection (weights of
-            ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
+        include: name patterns or module types that replace the default selection.
         exclude: name patterns or module types removed from the selection.
-        backend: how singular triplets are computed: ``"auto"`` (default; per matrix
-            ``"gram"`` or ``"subspace"`` from its rank ratio), ``"exact"`` (full
-            ``torch.linalg.svd``), ``"gram"``, ``"subspace"``, or a
-            :class:`proxrank.backends.Backend`; see :mod:`proxrank.backends`.
+        backend: how singular triplets are computed: ``"auto"`` (default), ``"exact"``,
+            ``"gram"``, ``"subspace"``, or a :class:`proxrank.Backend`.
         tol: relative error bound of the fast backends (default ``1e-4``): a matrix whose
-            certified bound exceeds ``tol * ||W||_F`` is recomputed with the exact SVD. Applies
-            to backends given by name.
-        check_finite: raise before anything changes when a selected weight or its gradient is
-            not finite (one device synchronisation per step).
+            certified bound exceeds ``tol * ||W||_F`` is recomputed with the exact SVD.
+        check_finite: raise before anything changes when a weight or gradient that gets the
+            prox at this step is not finite (one device synchronisation per step).
         metric: the metric the prox is taken in (:mod:`proxrank.metrics`): ``"euclidean"``
             (default), ``"fisher"``, ``"adam"``, ``"activation"``, ``"two_sided"`` or a
             :class:`proxrank.metrics.Metric`; a param group's ``"metric"`` key overrides it.
             With ``A``, ``B`` the metric's row and column weights the step is
-            ``W <- A^{-1/2} prox(A^{1/2} W B^{1/2}) B^{-1/2}``. Statistics live in each matrix's
-            proxrank state (so in ``state_dict``). Gradient statistics are read in
-            :meth:`step` before the base step, or, with a ``closure``, after it (the gradients
-            of the closure's last evaluation). Input statistics come from forward pre-hooks on
-            the layers (training mode only), registered only while a group uses such a metric
-            and removed by :meth:`close` or when the optimizer is garbage-collected.
+            ``W <- A^{-1/2} prox(A^{1/2} W B^{1/2}) B^{-1/2}``.
         schedule: a :class:`proxrank.Schedule` (warm-up, strength or rank ramps, a global
             parameter budget, periodic prox, frozen ranks), read from the step count.
         diagnostics: ``True`` or a :class:`proxrank.Diagnostics` to track convergence
-            diagnostics (:meth:`diagnostics`, :meth:`report`); off by default, as tracking the
-            realised step keeps one copy of every selected weight.
+            diagnostics (:meth:`diagnostics`, :meth:`report`).
 
     Example::
 
@@ -153,59 +192,57 @@ class ProxRank(Optimizer):
             )
         if isinstance(optimizer, ProxRank):
             raise TypeError("optimizer is already a ProxRank; wrap the base optimizer once")
-        torch._C._log_api_usage_once("python.optimizer.proxrank")
-        self.optimizer = optimizer
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a proxrank.Schedule, got {type(schedule).__name__}")
         if lam is None and not (schedule is not None and schedule.has_rank):
             raise TypeError(
                 "lam= is required, unless schedule= has a rank target (target= or budget=)"
             )
-        self.schedule = schedule
-        lam = 1.0 if lam is None else lam  # a rank target sets the threshold; lam=0 opts out
-        prox_map = get_prox(prox)
-        self.defaults = {
-            **optimizer.defaults,
-            "lam": _check_lam(lam, "lam"),
-            "prox": prox if isinstance(prox, ProxMap) else prox_map.name,
-            "metric": metric if isinstance(metric, Metric) else get_metric(metric).name,
-        }
-        self.backend = get_backend(backend, tol=tol)
-        self.check_finite = bool(check_finite)
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._patch_step_function()
-
-        self._candidates = select_targets(model_or_named_params, include, exclude)
-        self._modules = {}
-        if isinstance(model_or_named_params, nn.Module):
-            for t in self._candidates:
-                owner = t.name.rpartition(".")[0]
-                self._modules[id(t.param)] = model_or_named_params.get_submodule(owner)
-        self._input_hooks = InputHooks(self, ProxRank._observe_input)
-        self._hooked_metric: dict[int, Metric] = {}
-        self._closed = False
-        for i, group in enumerate(self.param_groups):
-            self._init_group(group, where=f"param_groups[{i}]")
-        self._refresh_targets()
-        self._sync_input_hooks(self._target_metrics(self._resolved_groups()))
-        if schedule is not None:
-            schedule.check(self._targets)
-        #: Number of completed steps (base step + prox).
-        self.step_count = 0
         if not isinstance(diagnostics, bool | Diagnostics):
             raise TypeError(
                 f"diagnostics must be True, False or a proxrank.Diagnostics, got {diagnostics!r}"
             )
+        torch._C._log_api_usage_once("python.optimizer.proxrank")
+        self.optimizer = optimizer
+        self.schedule = schedule
+        lam = 1.0 if lam is None else lam  # a rank target sets the threshold; lam=0 opts out
+        get_prox(prox)
+        self.defaults = {
+            **optimizer.defaults,
+            "lam": _check_lam(lam, "lam"),
+            "prox": prox,
+            "metric": metric if isinstance(metric, Metric) else get_metric(metric).name,
+        }
+        self.backend = get_backend(backend, tol=tol)
+        self.check_finite = bool(check_finite)
+        self._optimizer_state_dict_pre_hooks: dict = {}
+        self._optimizer_state_dict_post_hooks: dict = {}
+        self._optimizer_load_state_dict_pre_hooks: dict = {}
+        self._optimizer_load_state_dict_post_hooks: dict = {}
+        self._patch_step_function()
+
+        self._candidates = select_targets(model_or_named_params, include, exclude, warn=True)
+        self._modules: dict[str, nn.Module] = {}
+        if isinstance(model_or_named_params, nn.Module):
+            for t in self._candidates:
+                owner = t.param_name.rpartition(".")[0]
+                self._modules[t.param_name] = model_or_named_params.get_submodule(owner)
+        for i, group in enumerate(self.param_groups):
+            self._init_group(group, where=f"param_groups[{i}]")
+        self._records: list[MatrixRecord] = []
+        self._refresh_targets()
+        self._input_hooks = InputHooks(self, ProxRank._observe_input)
+        self._closed = False
+        self._sync_input_hooks(self._options())
+        if schedule is not None:
+            schedule.check(self.targets)
+        #: Number of completed steps (base step + prox).
+        self.step_count = 0
         self.tracker = Diagnostics() if diagnostics is True else diagnostics or None
         if self.tracker is not None:
             self.tracker.bind(self)
 
-    # -- shared state: always the base optimizer's own objects (load_state_dict rebinds them) --
+    # -- what is shared with the base optimizer --------------------------------------------
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return self.optimizer.param_groups
@@ -222,35 +259,87 @@ class ProxRank(Optimizer):
     def state(self, value: dict[Tensor, Any]) -> None:
         self.optimizer.state = value
 
+    # step hooks live on the base: registered on either, they run once per step, around the
+    # whole step (base step and prox)
+    @property
+    def _optimizer_step_pre_hooks(self) -> dict:  # type: ignore[override]
+        return self.optimizer._optimizer_step_pre_hooks
+
+    @_optimizer_step_pre_hooks.setter
+    def _optimizer_step_pre_hooks(self, value: dict) -> None:
+        self.optimizer._optimizer_step_pre_hooks = value
+
+    @property
+    def _optimizer_step_post_hooks(self) -> dict:  # type: ignore[override]
+        return self.optimizer._optimizer_step_post_hooks
+
+    @_optimizer_step_post_hooks.setter
+    def _optimizer_step_post_hooks(self, value: dict) -> None:
+        self.optimizer._optimizer_step_post_hooks = value
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """As the base optimizer (fused optimizers take ``grad_scale``/``found_inf``)."""
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
     @property
     def targets(self) -> list[Target]:
         """The weight matrices that get the prox, in the base optimizer's parameter order."""
-        return list(self._targets)
+        return [r.target for r in self._records]
 
-    # -- set-up --------------------------------------------------------------------------
+    def matrices(self) -> list[MatrixInfo]:
+        """A read-only view of every selected matrix: name, layer kind, shape, param group,
+        options and each namespace of its state."""
+        options = self._options()
+        return [
+            MatrixInfo.of(r, g, self.param_groups[g] | options[g]._asdict())
+            for r, g in zip(self._records, self._group_index, strict=True)
+        ]
+
+    def matrix(self, name: str) -> MatrixInfo:
+        """The :meth:`matrices` entry of the matrix called ``name`` (see :meth:`describe`)."""
+        for info in self.matrices():
+            if info.name == name:
+                return info
+        raise KeyError(f"no selected matrix is called {name!r}; selected:\n{self.describe()}")
+
+    def describe(self) -> str:
+        """A table of the selected matrices: name, layer kind, matrix shape, param group."""
+        rows = [("name", "kind", "shape", "group")]
+        rows += [
+            (t.name, t.kind, f"{t.shape2d[0]}x{t.shape2d[1]}", str(g))
+            for t, g in zip(self.targets, self._group_index, strict=True)
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        return "\n".join(line.rstrip() for line in lines)
+
+    # -- set-up ------------------------------------------------------------------------------
     def _init_group(self, group: dict[str, Any], where: str) -> None:
         for key in GROUP_OPTIONS:
             group.setdefault(key, self.defaults[key])
         self._group_options(group, where)
 
-    def _group_options(self, group: dict[str, Any], where: str = "param group") -> tuple:
+    def _group_options(self, group: dict[str, Any], where: str = "param group") -> _Options:
         lam = _check_lam(group["lam"], f"{where}['lam']")
         prox = get_prox(group["prox"], option=f"{where}['prox']")
         metric = get_metric(group["metric"], option=f"{where}['metric']")
         metric.check_optimizer(self.optimizer)
-        return lam, prox, metric
+        return _Options(lam, prox, metric)
 
-    def _resolved_groups(self) -> list[tuple[dict[str, Any], tuple]]:
+    def _options(self) -> list[_Options]:
         return [
-            (g, self._group_options(g, f"param_groups[{i}]"))
-            for i, g in enumerate(self.param_groups)
+            self._group_options(g, f"param_groups[{i}]") for i, g in enumerate(self.param_groups)
         ]
 
     def _refresh_targets(self) -> None:
-        """Order the selected matrices as the base optimizer orders its parameters."""
-        position = {}
-        for p in (p for g in self.param_groups for p in g["params"]):
-            position.setdefault(id(p), len(position))
+        """One record per selected matrix the base optimizer trains, in its parameter order
+        (records of matrices already known are kept)."""
+        position, group_of = {}, {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                position.setdefault(id(p), len(position))
+                group_of.setdefault(id(p), gi)
         chosen = [t for t in self._candidates if id(t.param) in position]
         if not chosen:
             raise ValueError(
@@ -259,77 +348,59 @@ class ProxRank(Optimizer):
                 "optimizer; check include/exclude and that the optimizer holds the model's "
                 "parameters"
             )
-        chosen.sort(key=lambda t: position[id(t.param)])
-        old = getattr(self, "_target_state", {})
-        self._targets = chosen
-        self._position = {id(t.param): position[id(t.param)] for t in chosen}
-        self._target_state: dict[int, dict[str, Any]] = {
-            id(t.param): old.get(id(t.param), {}) for t in chosen
-        }
+        chosen.sort(key=lambda t: position[id(t.param)])  # stable: blocks keep their order
+        old = {r.name: r for r in self._records}
+        self._records = [old.get(t.name) or MatrixRecord(t, t.shape2d) for t in chosen]
+        self._group_index = [group_of[id(t.param)] for t in chosen]
+        self._position = [position[id(t.param)] for t in chosen]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer; selected matrices in it get the prox."""
-        self._init_group(param_group, where="param_group")
         if self.schedule is not None and self.schedule.budget is not None:
             raise ValueError(
                 "add_param_group with a budget schedule: the budget is allocated across the "
                 "layers known when the ProxRank was built; build it with every param group"
             )
+        self._init_group(param_group, where="param_group")
         self.optimizer.add_param_group(param_group)
         self._refresh_targets()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    # -- metric statistics ---------------------------------------------------------------
-    def _target_metrics(
-        self, groups: list[tuple[dict[str, Any], tuple]]
-    ) -> list[tuple[Target, Metric]]:
-        """Each selected matrix with its group's metric."""
-        metric_of = {id(p): metric for group, (_, _, metric) in groups for p in group["params"]}
-        return [(t, metric_of[id(t.param)]) for t in self._targets if id(t.param) in metric_of]
-
-    def _sync_input_hooks(self, metrics: list[tuple[Target, Metric]]) -> None:
+    # -- input statistics (forward pre-hooks) ------------------------------------------------
+    def _sync_input_hooks(self, options: list[_Options]) -> None:
         """Forward pre-hooks exactly on the layers whose metric needs inputs (none after
-        :meth:`close`)."""
+        :meth:`close`); raises before any change when a metric cannot weight its matrix."""
         wanted = {}
-        for t, metric in metrics:
+        for i, (rec, g) in enumerate(zip(self._records, self._group_index, strict=True)):
+            metric = options[g].metric
             if metric.needs_inputs:
-                metric.check_module(t.name, self._modules.get(id(t.param)))
-                wanted[id(t.param)] = metric
-        self._hooked_metric = wanted
+                metric.check_target(rec.target)
+                wanted[i] = rec.target
         if self._closed:
             return
         for key in self._input_hooks.keys() - set(wanted):
             self._input_hooks.discard(key)
-        for key in wanted:
-            self._input_hooks.add(key, self._modules[key])
+        for key, t in wanted.items():
+            module = self._modules[t.param_name]
+            self._input_hooks.add(key, module, compute_dtype(t.param.dtype))
 
     def _observe_input(self, key: int, x: Tensor) -> None:
-        metric = self._hooked_metric.get(key)
-        module = self._modules[key]
-        if metric is not None and module.training:
-            dtype = compute_dtype(module.weight.dtype)
-            name = next(t.name for t in self._targets if id(t.param) == key)
-            with _naming_errors(name):
-                metric.observe_input(self._target_state[key], x.to(dtype))
-
-    @torch.no_grad()
-    def _observe_grads(self, metrics: list[tuple[Target, Metric]]) -> None:
-        for t, metric in metrics:
-            p = t.param
-            if metric.needs_grads and p.grad is not None and not p.grad.is_sparse:
-                g = p.grad.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-                with _naming_errors(t.name):
-                    metric.observe_grad(self._target_state[id(p)], g)
-
-    def _naming_errors(self, key: int) -> Iterator[None]:
-        """Prefix a metric's error with the name of the weight it concerns."""
+        """A hooked layer's input: update its metric statistics (a non-finite statistic is not
+        stored; the next step raises it)."""
+        if key >= len(self._records):
+            return
+        rec = self._records[key]
+        if not self._modules[rec.target.param_name].training:
+            return
+        metric = get_metric(self.param_groups[self._group_index[key]]["metric"])
         try:
-            yield
+            updates = metric.observe_input(rec.metric, x)
         except (FloatingPointError, ValueError) as err:
-            name = next(t.name for t in self._targets if id(t.param) == key)
-            raise type(err)(f"weight {name!r}: {err}") from None
+            rec.input_error = str(err)
+            return
+        rec.metric = {**rec.metric, **updates}
 
     def close(self) -> None:
         """Remove the forward hooks the ``"activation"``/``"two_sided"`` metrics use (also
@@ -338,129 +409,250 @@ class ProxRank(Optimizer):
         self._closed = True
         self._input_hooks.remove()
 
-    # -- the step ------------------------------------------------------------------------
-    def _raise_if_nonfinite(self, when: str, grads: bool) -> None:
-        tensors, labels = [], []
-        for t in self._targets:
-            tensors.append(t.param)
-            labels.append(f"weight {t.name!r}")
-            g = t.param.grad
-            if grads and g is not None and not g.is_sparse:
-                tensors.append(g)
-                labels.append(f"gradient of {t.name!r}")
-        finite = torch.stack([torch.isfinite(x).all() for x in tensors])
-        if bool(finite.all()):
-            return
-        bad = labels[int((~finite).nonzero()[0])]
-        raise FloatingPointError(
-            f"the {bad} is not finite {when}; no prox was applied. Lower the learning rate, "
-            "clip gradients, or use torch.amp.GradScaler (which skips steps with inf/NaN "
-            "gradients); pass check_finite=False to skip this check"
-        )
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Base optimizer step (``closure`` passed through), then the prox on every selected
-        matrix. Returns what the base step returns (the closure's loss)."""
-        groups = self._resolved_groups()
-        if self.check_finite and closure is None:
-            self._raise_if_nonfinite("before the step (nothing was changed)", grads=True)
-        metrics = self._target_metrics(groups)
-        self._sync_input_hooks(metrics)
-        if closure is None:
-            self._observe_grads(metrics)
-        # every option, metric weighting and schedule decision is settled (and can raise)
-        # before the base step changes anything
-        jobs = self._collect_jobs(groups)
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        if closure is not None:
-            self._observe_grads(metrics)
+    # -- the step ----------------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Base optimizer step (``closure`` and a fused optimizer's ``grad_scale``/``found_inf``
+        passed through), then the prox on every selected matrix. Returns what the base step
+        returns (the closure's loss)."""
+        work = self._prepare(after_base=False) if closure is None else None
+        loss = self._base_step(closure, kwargs)
+        if _skipped_by_amp(kwargs):  # the fused step skipped its update: so does the prox
+            return loss
+        if work is None:  # with a closure the gradients exist only now
+            work = self._prepare(after_base=True)
         if self.check_finite:
-            self._raise_if_nonfinite("after the base optimizer's step", grads=False)
-        self._apply_prox(jobs)
-        self.step_count += 1
+            self._raise_if_nonfinite(work.jobs, grads=False, when="after the base optimizer's step")
+        outcomes = self._compute(work.jobs)
+        self._commit(work, outcomes)
         if self.tracker is not None:
             self.tracker.end_step(loss)
         return loss
 
-    @torch.no_grad()
-    def _apply_prox(self, jobs: list[_Job]) -> None:
-        for batch in self._batches(jobs):
-            self._run_batch(batch)
+    def _base_step(self, closure: Callable[[], Any] | None, kwargs: dict[str, Any]) -> Any:
+        """The base optimizer's own step, without its hook wrapper: the step hooks (shared)
+        already ran once around this whole step."""
+        base = self.optimizer
+        step = getattr(type(base).step, "__wrapped__", None)
+        if step is None:
+            return base.step(closure, **kwargs) if closure is not None else base.step(**kwargs)
+        base._opt_called = True  # what an LR scheduler attached to the base looks for
+        args = () if closure is None else (closure,)
+        return step(base, *args, **kwargs)
 
-    def _collect_jobs(self, groups: list[tuple[dict[str, Any], tuple]]) -> list[_Job]:
-        """One job per selected matrix whose group has ``lam > 0``: ``tau = lam * lr`` and its
-        group metric's weighting; with a schedule, the job (threshold or rank target, or none)
-        the schedule plans. Runs before the base step: the metric's weights are those of the
-        statistics gathered so far (a base optimizer's second moment as of the previous step)."""
-        jobs = []
-        n = self.step_count + 1
+    def _prepare(self, after_base: bool) -> _Work:
+        """Settle this step without changing anything: every option, check, statistic update,
+        metric weighting and schedule decision, each error naming its weight."""
+        options = self._options()
+        self._raise_input_errors()
+        self._sync_input_hooks(options)
+        work = _Work(self.step_count + 1)
+        seen = []  # matrices with a gradient at this step: statistics, and the prox if lam > 0
+        for i, rec in enumerate(self._records):
+            p = rec.target.param
+            if p.grad is not None and p.device.type != "meta":
+                seen.append(i)
+                if not rec.matches():
+                    work.fresh.add(i)
+        active = [i for i in seen if options[self._group_index[i]].lam > 0]
+        if self.check_finite:
+            when = "after the base optimizer's step" if after_base else "before the step"
+            self._raise_if_nonfinite(active, grads=True, when=f"{when} (nothing was changed)")
+        states = [self._current(i, "metric", work) for i in range(len(self._records))]
+        for i in seen:
+            metric = options[self._group_index[i]].metric
+            t = self._records[i].target
+            if metric.needs_grads and not t.param.grad.is_sparse:
+                with _naming(f"weight {t.name!r}"):
+                    work.update(
+                        i,
+                        "metric",
+                        metric.observe_grad(states[i], gradient_matrix(t, t.param.grad)),
+                    )
         if self.schedule is not None:
-            self.schedule.prepare(n, self._targets, self._target_state)
-        for group, (lam, prox, metric) in groups:
-            if lam == 0:
-                continue
-            tau = lam * float(group["lr"])
-            for p in group["params"]:
-                state = self._target_state.get(id(p))
-                if state is None:
-                    continue
-                shape = (p.shape[0], p.numel() // p.shape[0])
-                planned = (tau, prox, None)
-                if self.schedule is not None:
-                    planned = self.schedule.plan(n, state, shape, tau, prox)
-                    if planned is None:
-                        continue
-                weighting = metric.weighting(state, self.optimizer.state.get(p, {}), shape)
-                if weighting is not None:
-                    weighting = weighting.to(compute_dtype(p.dtype))
-                jobs.append(_Job(p, state, *planned, weighting=weighting, lr=float(group["lr"])))
-        return jobs
+            sched_states = [self._current(i, "schedule", work) for i in range(len(self._records))]
+            with _naming("the schedule's allocation"):
+                for i, upd in enumerate(
+                    self.schedule.prepare(work.step, self.targets, sched_states)
+                ):
+                    work.update(i, "schedule", upd)
+        for i in active:
+            job = self._job(i, options[self._group_index[i]], work)
+            if job is not None:
+                work.jobs.append(job)
+        return work
 
-    def _batches(self, jobs: list[_Job]) -> Iterable[list[_Job]]:
-        """Jobs computed together in one batched backend call: same prox map (so same param
-        group), same rank target (or none), same matrix shape up to transposition, dtype and
-        device."""
-        batches: dict[tuple, list[_Job]] = {}
-        for job in jobs:
-            p = job.param
-            m, n = p.shape[0], p.numel() // p.shape[0]
-            key = (id(job.prox), job.rank, min(m, n), max(m, n), p.dtype, p.device)
-            batches.setdefault(key, []).append(job)
-        return batches.values()
+    def _current(self, index: int, namespace: str, work: _Work) -> dict[str, Any]:
+        """A matrix's state in ``namespace`` as this step sees it: the stored state (none after
+        a resize) with this step's updates so far."""
+        stored = {} if index in work.fresh else getattr(self._records[index], namespace)
+        return {**stored, **work.updates.get(index, {}).get(namespace, {})}
 
-    def _run_batch(self, batch: list[_Job]) -> None:
-        """Prox every matrix of ``batch`` in one backend call and write each back in its
-        weight's dtype, whole, once.
+    def _job(self, index: int, options: _Options, work: _Work) -> _Job | None:
+        rec = self._records[index]
+        t = rec.target
+        group = self.param_groups[self._group_index[index]]
+        lr = float(group["lr"])
+        plan: Plan | None = Plan(options.lam * lr, options.prox)
+        if self.schedule is not None:
+            state = self._current(index, "schedule", work)
+            plan, upd = self.schedule.plan(
+                work.step, state, t.shape2d, options.lam * lr, options.prox
+            )
+            work.update(index, "schedule", upd)
+        if plan is None or (plan.rank is None and plan.tau == 0):
+            return None  # no prox, or tau = 0: the identity, left bit for bit
+        base_state = {
+            k: t.view.read(v)
+            for k, v in self.optimizer.state.get(t.param, {}).items()
+            if isinstance(v, Tensor) and v.shape == t.param.shape
+        }
+        with _naming(f"weight {t.name!r}"):
+            weighting = options.metric.weighting(
+                self._current(index, "metric", work), base_state, t.shape2d
+            )
+        if weighting is not None:
+            weighting = weighting.to(compute_dtype(t.param.dtype))
+        return _Job(index, plan, options.lam, lr, weighting)
 
-        Each weight ``W`` (in float32 for half precision) is mapped into its metric,
-        ``Y = A^{1/2} W B^{1/2}``, tall matrices are transposed so that the batch shares one
-        shape, and the result is mapped back. The threshold is ``tau`` per matrix, or the
-        spectrum's own for a rank target."""
-        Ws, Ys = [], []
-        for job in batch:
-            p = job.param
-            W = p.reshape(p.shape[0], -1).to(compute_dtype(p.dtype))
-            Ws.append(W)
+    def _raise_input_errors(self) -> None:
+        for rec in self._records:
+            if rec.input_error is not None:
+                message, rec.input_error = rec.input_error, None
+                raise FloatingPointError(
+                    f"weight {rec.name!r}: {message} (seen in a forward pass; nothing was changed)"
+                )
+
+    def _raise_if_nonfinite(self, jobs: list[_Job] | list[int], grads: bool, when: str) -> None:
+        """Raise when a weight (and, with ``grads``, a gradient) that gets the prox is not
+        finite."""
+        tensors, labels = [], []
+        for item in jobs:
+            t = self._records[item.index if isinstance(item, _Job) else item].target
+            tensors.append(t.view.read(t.param.detach()))
+            labels.append(f"weight {t.name!r}")
+            if grads and t.param.grad is not None:
+                g = t.param.grad
+                tensors.append(g if g.is_sparse else t.view.read(g))
+                labels.append(f"gradient of {t.name!r}")
+        bad = _nonfinite(tensors)
+        if bad is not None:
+            raise FloatingPointError(
+                f"the {labels[bad]} is not finite {when}; no prox was applied. Lower the learning "
+                "rate, clip gradients, or use torch.amp.GradScaler (which skips steps with "
+                "inf/NaN gradients); pass check_finite=False to skip this check"
+            )
+
+    @torch.no_grad()
+    def _compute(self, jobs: list[_Job]) -> list[_Outcome]:
+        """Every job's prox, batched by (prox map, rank target, shape up to transposition,
+        dtype, device), on copies of the backend state; nothing is written. A failure restores
+        the backend's own state (its random generators) and names the weight."""
+        batches: dict[tuple, list[int]] = {}
+        for j, job in enumerate(jobs):
+            t = self._records[job.index].target
+            m, n = t.shape2d
+            key = (
+                job.plan.prox,
+                job.plan.rank,
+                min(m, n),
+                max(m, n),
+                t.param.dtype,
+                t.param.device,
+            )
+            batches.setdefault(key, []).append(j)
+        outcomes: list[_Outcome | None] = [None] * len(jobs)
+        saved = self.backend.state_dict()
+        try:
+            for members in batches.values():
+                batch = [jobs[j] for j in members]
+                for j, out in zip(members, self._run_batch(batch), strict=True):
+                    outcomes[j] = out
+        except BaseException:
+            self.backend.load_state_dict(saved)
+            raise
+        return outcomes  # type: ignore[return-value]
+
+    def _run_batch(self, batch: list[_Job]) -> list[_Outcome]:
+        """The prox of same-shape matrices in one backend call: each weight ``W`` (float32 for
+        half precision) mapped into its metric, ``Y = A^{1/2} W B^{1/2}``, tall ones transposed
+        so the batch shares one shape; the results mapped back."""
+        records = [self._records[job.index] for job in batch]
+        Ys = []
+        for job, rec in zip(batch, records, strict=True):
+            t = rec.target
+            W = t.view.read(t.param.detach()).to(compute_dtype(t.param.dtype))
             Ys.append(W if job.weighting is None else job.weighting.to_metric(W))
         Y = torch.stack([Yi.mT if Yi.shape[0] > Yi.shape[1] else Yi for Yi in Ys])
-        states = [job.state for job in batch]
-        first = batch[0]
-        if first.rank is None:
-            tau = torch.tensor([job.tau for job in batch], dtype=Y.dtype, device=Y.device)
-            result = prox_step(Y, tau, first.prox, self.backend, states)
-        else:
-            result = rank_prox_step(Y, first.rank, first.prox, self.backend, states)
-        for i, (job, W, Yi) in enumerate(zip(batch, Ws, Ys, strict=True)):
-            mine = _unbatch(result, i, transposed=W.shape[0] > W.shape[1])
-            if job.weighting is not None:
-                mine = mine._replace(X=job.weighting.from_metric(mine.X))
-            if self.tracker is not None:  # before the write-back: W may share p's storage
-                self.tracker.record(job, W, Yi, mine)
-            job.param.copy_(mine.X.reshape(job.param.shape))
-            if self.schedule is not None:  # the rank a schedule freezes at
-                job.state["rank"] = int((mine.S_new > 0).sum())
+        states = [dict(rec.backend) for rec in records]
+        first = batch[0].plan
+        try:
+            if first.rank is None:
+                tau = torch.tensor([job.plan.tau for job in batch], dtype=Y.dtype, device=Y.device)
+                result = prox_step(Y, tau, first.prox, self.backend, states)
+            else:
+                result = rank_prox_step(Y, first.rank, first.prox, self.backend, states)
+        except (RuntimeError, ValueError) as err:
+            index = getattr(err, "index", None)
+            names = [r.name for r in records] if index is None else [records[index].name]
+            raise type(err)(
+                f"the prox of {', '.join(map(repr, names))} failed after the base step (no prox "
+                f"was applied, nothing else changed): {err}. Try backend='exact', or check "
+                "the weights"
+            ) from err
+        out = []
+        for i, (job, Yi, state) in enumerate(zip(batch, Ys, states, strict=True)):
+            mine = _unbatch(result, i, transposed=Yi.shape[0] > Yi.shape[1])
+            X = mine.X if job.weighting is None else job.weighting.from_metric(mine.X)
+            out.append(_Outcome(X, Yi, mine, state))
+        return out
 
-    # -- diagnostics ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _commit(self, work: _Work, outcomes: list[_Outcome]) -> None:
+        """Write every weight (through its view) and every namespace of state."""
+        for job, out in zip(work.jobs, outcomes, strict=True):
+            rec = self._records[job.index]
+            if self.tracker is not None:  # before the write-back: W may share p's storage
+                self.tracker.record(self._prox_step(job, out))
+            rec.target.view.write(rec.target.param, out.X)
+        for i in work.fresh:
+            rec = self._records[i]
+            rec.shape, rec.backend, rec.metric, rec.schedule = rec.target.shape2d, {}, {}, {}
+        for i, namespaces in work.updates.items():
+            rec = self._records[i]
+            for ns, values in namespaces.items():
+                setattr(rec, ns, {**getattr(rec, ns), **values})
+        for job, out in zip(work.jobs, outcomes, strict=True):
+            self._records[job.index].backend = out.backend_state
+        if self.schedule is not None and work.jobs:  # the rank a schedule freezes at
+            ranks = torch.stack([torch.count_nonzero(o.result.S_new).cpu() for o in outcomes])
+            for job, r in zip(work.jobs, ranks.tolist(), strict=True):
+                rec = self._records[job.index]
+                rec.schedule = {**rec.schedule, "rank": r}
+        self.step_count = work.step
+
+    def _prox_step(self, job: _Job, out: _Outcome) -> ProxStep:
+        t = self._records[job.index].target
+        W = t.view.read(t.param.detach()).to(out.X.dtype)
+        svd = out.result.svd
+        return ProxStep(
+            name=t.name,
+            shape=t.shape2d,
+            prox=job.plan.prox,
+            tau=job.plan.tau if job.plan.rank is None else math.nan,
+            rank_target=job.plan.rank,
+            lam=job.lam,
+            lr=job.lr,
+            W=W,
+            Y=out.Y,
+            X=out.X,
+            S=svd.S,
+            S_new=out.result.S_new,
+            error_bound=torch.as_tensor(out.backend_state.get("error_bound", svd.error_bound)),
+            method=str(out.backend_state.get("backend", self.backend.name)),
+            weight_dtype=t.param.dtype,
+        )
+
+    # -- diagnostics -------------------------------------------------------------------------
     def _require_tracker(self) -> Diagnostics:
         if self.tracker is None:
             raise ValueError(
@@ -477,25 +669,41 @@ class ProxRank(Optimizer):
         """A readable per-matrix table of :meth:`diagnostics`."""
         return self._require_tracker().report()
 
-    # -- checkpoints ---------------------------------------------------------------------
+    # -- copies --------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_input_hooks"]  # weak references and hook handles: rebuilt on the copy
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._input_hooks = InputHooks(self, ProxRank._observe_input)
+        if self.tracker is not None:
+            self.tracker.bind(self)
+        self._patch_step_function()
+
+    # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's ``state_dict`` (its ``state`` and ``param_groups`` keys, so that
-        tools reading them keep working) with proxrank's own state nested under ``"proxrank"``,
-        keyed by parameter position as torch keys optimizer state."""
+        tools reading them keep working) with proxrank's own state nested under ``"proxrank"``:
+        the step count, the schedule, the backend's random generators and each selected
+        matrix's namespaces, listed in the order of :attr:`targets`."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         sd = self.optimizer.state_dict()
         sd["proxrank"] = {
             "step_count": self.step_count,
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
-            "targets": {
-                self._position[id(t.param)]: {
-                    "name": t.name,
-                    "shape": tuple(t.param.shape),
-                    "state": dict(self._target_state[id(t.param)]),
+            "backend": self.backend.state_dict(),
+            "matrices": [
+                {
+                    "name": r.name,
+                    "position": pos,
+                    "shape": r.shape,
+                    **{ns: dict(state) for ns, state in r.namespaces().items()},
                 }
-                for t in self._targets
-            },
+                for r, pos in zip(self._records, self._position, strict=True)
+            ],
         }
         if self.tracker is not None:
             sd["proxrank"]["diagnostics"] = self.tracker.state_dict()
@@ -505,8 +713,9 @@ class ProxRank(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`. A plain base-optimizer state dict (no ``"proxrank"`` key)
-        is accepted too: it restores the base and leaves proxrank's state as it is."""
+        """Load a :meth:`state_dict`, validating all of it before loading any of it. A plain
+        base-optimizer state dict (no ``"proxrank"`` key) is accepted too: it restores the base
+        and leaves proxrank's state as it is."""
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)
@@ -515,15 +724,23 @@ class ProxRank(Optimizer):
         state_dict["param_groups"] = self._complete_groups(state_dict["param_groups"])
         load_diagnostics = None
         if ours is not None:
-            loaded = self._check_loaded_targets(ours)
+            step_count = _checkpoint_step(ours.get("step_count"))
+            loaded = self._check_loaded_matrices(ours)
             schedule = self._check_loaded_schedule(ours.get("schedule"))
             if self.tracker is not None and "diagnostics" in ours:
                 load_diagnostics = self.tracker.prepare_load(ours["diagnostics"])
-        self.optimizer.load_state_dict(state_dict)
+            saved_backend = self.backend.state_dict()
+            self.backend.load_state_dict(ours.get("backend", {}))
+        try:
+            self.optimizer.load_state_dict(state_dict)
+        except BaseException:
+            if ours is not None:
+                self.backend.load_state_dict(saved_backend)
+            raise
         if ours is not None:
-            self.step_count = int(ours["step_count"])
+            self.step_count = step_count
             self.schedule = schedule
-            self._target_state = loaded
+            self._records = loaded
             if load_diagnostics is not None:
                 load_diagnostics()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -541,28 +758,50 @@ class ProxRank(Optimizer):
             groups.append(group)
         return groups
 
-    def _check_loaded_targets(self, ours: dict[str, Any]) -> dict[int, dict[str, Any]]:
-        saved = {int(k): v for k, v in ours["targets"].items()}
-        mine = {self._position[id(t.param)]: t for t in self._targets}
-        if set(saved) != set(mine):
+    def _check_loaded_matrices(self, ours: dict[str, Any]) -> list[MatrixRecord]:
+        """New records from a checkpoint's matrices, every entry validated."""
+        saved = ours.get("matrices")
+        mine = [(r.name, pos) for r, pos in zip(self._records, self._position, strict=True)]
+        theirs = [(e.get("name"), e.get("position")) for e in saved or [] if isinstance(e, dict)]
+        if not isinstance(saved, list) or theirs != mine:
             raise ValueError(
-                "state_dict was saved with prox targets at parameter positions "
-                f"{sorted(saved)}, but this optimizer has them at {sorted(mine)}; build the "
-                "ProxRank with the same model, include/exclude and param groups"
+                f"state_dict was saved with prox matrices {theirs}, but this optimizer has "
+                f"{mine} (name, parameter position); build the ProxRank with the same model, "
+                "include/exclude and param groups"
             )
-        loaded = {}
-        for pos, t in mine.items():
-            entry = saved[pos]
-            if tuple(entry["shape"]) != tuple(t.param.shape):
+        records = []
+        for rec, entry in zip(self._records, saved, strict=True):
+            t = rec.target
+            shape = tuple(entry.get("shape", ()))
+            if shape != t.shape2d:
                 raise ValueError(
-                    f"state_dict entry for {entry['name']!r} has shape {tuple(entry['shape'])}, "
-                    f"but parameter {t.name!r} at that position has shape {tuple(t.param.shape)}"
+                    f"state_dict entry for {t.name!r} has matrix shape {shape}, but the "
+                    f"parameter's matrix is {t.shape2d} now"
                 )
-            loaded[id(t.param)] = {
-                k: v.to(t.param.device) if isinstance(v, Tensor) else v
-                for k, v in entry["state"].items()
-            }
-        return loaded
+            spaces = {}
+            for ns in NAMESPACES:
+                state = entry.get(ns, {})
+                if not isinstance(state, dict):
+                    raise ValueError(f"state_dict entry for {t.name!r}: {ns!r} is not a dict")
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
+                        raise ValueError(
+                            f"state_dict entry for {t.name!r}: {ns}[{key!r}] is not finite; the "
+                            "checkpoint is corrupted"
+                        )
+                spaces[ns] = {
+                    k: v.to(t.param.device) if isinstance(v, Tensor) else v
+                    for k, v in state.items()
+                }
+            basis = spaces["backend"].get("basis")
+            if isinstance(basis, Tensor) and (basis.dim() != 2 or basis.shape[0] != min(shape)):
+                raise ValueError(
+                    f"state_dict entry for {t.name!r}: backend basis of shape "
+                    f"{tuple(basis.shape)} does not fit a {shape} matrix; the checkpoint is "
+                    "corrupted"
+                )
+            records.append(MatrixRecord(t, shape, **spaces))
+        return records
 
     def _check_loaded_schedule(self, saved: dict[str, Any] | None) -> Schedule | None:
         """The saved schedule; a different one on this optimizer is an error."""
@@ -580,5 +819,33 @@ class ProxRank(Optimizer):
         return (
             f"ProxRank({self.optimizer!r},\n  lam={self.defaults['lam']}, "
             f"prox={self.defaults['prox']!r}, backend={self.backend.name!r}, "
-            f"targets={len(self._targets)})"
+            f"matrices={len(self._records)})"
         )
+
+
+def _checkpoint_step(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"state_dict['proxrank']['step_count'] must be an int >= 0, got {value!r}; the "
+            "checkpoint is corrupted"
+        )
+    return value
+
+
+def _unbatch(result: ProxResult, i: int, transposed: bool) -> ProxResult:
+    """Matrix ``i`` of a batched :class:`ProxResult`, transposed back when it was transposed."""
+    svd = result.svd
+    U, S, Vh, bound = svd.U[i], svd.S[i], svd.Vh[i], svd.error_bound[i]
+    X = result.X[i]
+    if transposed:
+        X, U, Vh = X.mT, Vh.mT, U.mT
+    return ProxResult(X, type(svd)(U, S, Vh, bound), result.S_new[i])
+
+
+@contextlib.contextmanager
+def _naming(what: str) -> Iterator[None]:
+    """Prefix an error raised inside with the weight (or component) it concerns."""
+    try:
+        yield
+    except (FloatingPointError, ValueError) as err:
+        raise type(err)(f"{what}: {err}") from None

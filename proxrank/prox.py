@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import abc
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -34,9 +36,12 @@ class ProxMap(abc.ABC):
 
     ``s`` has shape ``(..., k)`` (each row sorted in descending order) and ``tau`` has the
     batch shape ``(...)`` or is a Python float.
+
+    Maps are values: subclasses are frozen dataclasses, so two maps with equal options compare
+    (and hash) equal, and the optimizer batches the matrices they act on together.
     """
 
-    name: str = ""
+    name: ClassVar[str] = ""
 
     @abc.abstractmethod
     def cutoff(self, tau: Tensor) -> Tensor:
@@ -46,10 +51,8 @@ class ProxMap(abc.ABC):
     def __call__(self, s: Tensor, tau: Tensor) -> Tensor:
         """The scalar prox ``phi_tau`` applied to every singular value."""
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
 
-
+@dataclass(frozen=True)
 class SoftThreshold(ProxMap):
     """``phi_tau(s) = max(s - tau, 0)``: the prox of ``tau * ||W||_*`` (nuclear norm)."""
 
@@ -62,6 +65,7 @@ class SoftThreshold(ProxMap):
         return (s - _as_column(tau, s)).clamp_min(0)
 
 
+@dataclass(frozen=True)
 class HardThreshold(ProxMap):
     """``phi_tau(s) = s * [s > sqrt(2 tau)]``: the prox of ``tau * rank(W)``.
 

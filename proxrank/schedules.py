@@ -29,18 +29,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
 
-from .backends import Backend
 from .budget import allocate_ranks, budget_size
-from .functional import ProxResult, reconstruct
 from .prox import HardThreshold, ProxMap, SoftThreshold
 from .selection import Target
 
-__all__ = ["RAMP_KINDS", "Ramp", "Schedule", "rank_prox_step"]
+__all__ = ["RAMP_KINDS", "Plan", "Ramp", "Schedule"]
 
 #: Ramp shapes: fraction ``x = (n - n0) / (n1 - n0)`` in [0, 1] -> weight of ``end``.
 RAMP_KINDS: dict[str, Callable[[float], float]] = {
@@ -111,26 +108,13 @@ class Ramp:
         return self.start + (self.end - self.start) * x
 
 
-def rank_prox_step(
-    Y: Tensor, rank: int, prox: ProxMap, backend: Backend, state: dict[str, Any]
-) -> ProxResult:
-    """Bring ``Y`` (``m x n``, compute dtype) to rank ``rank`` by thresholding at its spectrum.
+class Plan(NamedTuple):
+    """One matrix's prox at one step, as a schedule plans it: a threshold ``tau`` for ``prox``,
+    or (``rank`` not ``None``) a rank target whose threshold comes from the spectrum."""
 
-    :class:`~proxrank.prox.SoftThreshold`: ``s -> max(s - s_{r+1}, 0)`` (the prox of
-    ``tau ||.||_*`` with ``tau = s_{r+1}``: the kept values are shrunk); any other map (hard):
-    keep the ``r`` largest singular values (Eckart-Young projection). Asks the backend for the
-    ``r + 1`` largest triplets only.
-    """
-    k = min(Y.shape[-2:])
-    cutoff = torch.full(Y.shape[:-2], math.inf, dtype=Y.dtype, device=Y.device)
-    svd = backend.svd(Y, cutoff, state, min_rank=min(rank + 1, k))
-    S = svd.S
-    if isinstance(prox, SoftThreshold):
-        tau = S[..., rank] if S.shape[-1] > rank else torch.zeros((), dtype=S.dtype)
-        S_new = prox(S, tau)
-    else:
-        S_new = torch.where(torch.arange(S.shape[-1], device=S.device) < rank, S, 0)
-    return ProxResult(reconstruct(svd.U, S_new, svd.Vh), svd, S_new)
+    tau: float
+    prox: ProxMap
+    rank: int | None = None
 
 
 class Schedule:
@@ -280,23 +264,26 @@ class Schedule:
             shapes = [t.shape2d for t in targets]
             budget_size(self.budget, shapes, cost_weights=cost_weights, min_rank=self.min_rank)
 
-    def prepare(self, n: int, targets: list[Target], states: dict[int, dict[str, Any]]) -> None:
-        """At the first step past warm-up, fix each matrix's final rank (``state['final_rank']``,
-        saved in ``state_dict``): from ``target``, or by allocating ``budget`` across layers."""
+    def prepare(
+        self, n: int, targets: list[Target], states: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """At the first step past warm-up, each matrix's final rank (``{"final_rank": r}``,
+        saved in ``state_dict``): from ``target``, or by allocating ``budget`` across layers.
+        Returns the updates per matrix (empty when there is nothing to fix); reads ``states``
+        (the schedule's state of each target) only."""
+        none: list[dict[str, Any]] = [{} for _ in targets]
         if not self.has_rank or n <= self.warmup:
-            return
-        todo = [t for t in targets if "final_rank" not in states[id(t.param)]]
-        if not todo:
-            return
+            return none
+        if all("final_rank" in st for st in states):
+            return none
         if self.target is not None:
-            for t in todo:
+            out = []
+            for t, st in zip(targets, states, strict=True):
                 k = min(t.shape2d)
                 r = self.target if isinstance(self.target, int) else math.ceil(self.target * k)
-                states[id(t.param)]["final_rank"] = min(r, k)
-            return
-        spectra = [
-            torch.linalg.svdvals(t.param.detach().reshape(t.shape2d).double()) for t in targets
-        ]
+                out.append({} if "final_rank" in st else {"final_rank": min(r, k)})
+            return out
+        spectra = [torch.linalg.svdvals(t.view.read(t.param.detach()).double()) for t in targets]
         alloc = allocate_ranks(
             spectra,
             [t.shape2d for t in targets],
@@ -307,32 +294,32 @@ class Schedule:
             cost_weights=_per_layer(self.cost_weights, targets, "cost_weights"),
             min_rank=self.min_rank,
         )
-        for t, r in zip(targets, alloc.ranks, strict=True):
-            states[id(t.param)]["final_rank"] = r
+        return [{"final_rank": r} for r in alloc.ranks]
 
     def plan(
         self, n: int, state: dict[str, Any], shape2d: tuple[int, int], tau: float, prox: ProxMap
-    ) -> tuple[float, ProxMap, int | None] | None:
-        """This step's prox for one matrix: ``(tau, prox, rank)`` or ``None`` (no prox).
-        ``tau`` is the group's ``lam * lr``; ``rank`` is ``None`` for a threshold prox."""
+    ) -> tuple[Plan | None, dict[str, Any]]:
+        """This step's prox for one matrix (``None``: no prox) and the updates to its schedule
+        state. ``tau`` is the group's ``lam * lr``; ``state`` is only read."""
         phase = self.phase(n)
         if phase == "warmup":
-            return None
+            return None, {}
+        k = min(shape2d)
         if phase == "freeze":
-            rank = state.get("final_rank", state.get("rank", min(shape2d)))
-            return (0.0, HardThreshold(), rank) if rank < min(shape2d) else None
+            rank = state.get("final_rank", state.get("rank", k))
+            return (Plan(0.0, HardThreshold(), rank) if rank < k else None), {}
         due = (n - self.warmup) % self.every == 0 or n == self.ramp_end
         if self.has_rank:
             if not due:
-                return None
-            rank = self.rank_at(n, min(shape2d), state["final_rank"])
-            if rank >= min(shape2d):
-                return None
+                return None, {}
+            rank = self.rank_at(n, k, state["final_rank"])
+            if rank >= k:
+                return None, {}
             soft = self.threshold == "soft"
-            return 0.0, SoftThreshold() if soft else HardThreshold(), rank
+            return Plan(0.0, SoftThreshold() if soft else HardThreshold(), rank), {}
         acc = state.get("tau_acc", 0.0) + tau * self.lam(n)
-        state["tau_acc"] = 0.0 if due else acc
-        return (acc, prox, None) if due and acc > 0 else None
+        planned = Plan(acc, prox) if due and acc > 0 else None
+        return planned, {"tau_acc": 0.0 if due else acc}
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""One-shot compression in a metric: proxrank.weighted_truncate and proxrank.compress."""
+"""One-shot compression in a metric: proxrank.metrics.weighted_truncate and proxrank.compress."""
 
 import copy
 
@@ -11,7 +11,7 @@ from torch import nn
 
 import proxrank
 from proxrank.functional import project_rank
-from proxrank.metrics import damped
+from proxrank.metrics import damped, weighted_truncate
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -53,7 +53,7 @@ def test_weighted_truncation_is_optimal(shape, seed, diag_a, diag_b, data):
     A, B = random_spd(rng, m, diag_a), random_spd(rng, n, diag_b)
     W = rng.standard_normal((m, n))
     arg = {True: lambda M: torch.from_numpy(np.diag(M).copy()), False: torch.from_numpy}
-    X = proxrank.weighted_truncate(torch.from_numpy(W), r, arg[diag_a](A), arg[diag_b](B)).numpy()
+    X = weighted_truncate(torch.from_numpy(W), r, arg[diag_a](A), arg[diag_b](B)).numpy()
     assert np.linalg.matrix_rank(X, tol=1e-8) <= r
     np.testing.assert_allclose(X, reference_truncate(W, r, A, B), atol=1e-8)
     best = weighted_error(X, W, A, B)
@@ -118,7 +118,7 @@ def test_activation_compress_whitens_with_the_mean_input_second_moment():
     H = torch.relu(ref[0](X0)).detach()
     for layer, inputs, rep in ((ref[0], X0, report[0]), (ref[2], H, report[1])):
         B = damped(inputs.T @ inputs / len(inputs), 1e-2)  # equal batch sizes: mean of means
-        expected = proxrank.weighted_truncate(layer.weight.detach(), 2, None, B)
+        expected = weighted_truncate(layer.weight.detach(), 2, None, B)
         got = dict(model.named_parameters())[rep.name].detach()
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
         assert rep.error < rep.frobenius_error or rep.error == pytest.approx(rep.frobenius_error)
@@ -142,7 +142,7 @@ def test_fisher_compress_uses_mean_squared_gradients_and_leaves_grads_and_mode_a
         for s, g in zip(sums, gs, strict=True):
             s += (g**2).sum(1) / len(data)
     for layer, got, s in ((ref[0], model[0], sums[0]), (ref[2], model[2], sums[1])):
-        expected = proxrank.weighted_truncate(layer.weight.detach(), 2, damped(s, 1e-2), None)
+        expected = weighted_truncate(layer.weight.detach(), 2, damped(s, 1e-2), None)
         torch.testing.assert_close(got.weight.detach(), expected, rtol=0, atol=1e-10)
 
 
@@ -200,5 +200,5 @@ def test_compress_errors_leave_the_model_unchanged(kwargs, match):
 
 def test_compress_activation_refuses_conv():
     conv = nn.Sequential(nn.Conv2d(2, 5, 3), nn.Flatten(), nn.Linear(5 * 16, 3))
-    with pytest.raises(ValueError, match=r"nn\.Linear weights only"):
+    with pytest.raises(ValueError, match=r"nn\.Linear and transformers' Conv1D weights only"):
         proxrank.compress(conv, rank=2, metric="activation", data=[torch.randn(2, 2, 6, 6)])

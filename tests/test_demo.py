@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import proxrank
-from proxrank import Factorized
-from proxrank.__main__ import build_parser, main
-from proxrank.demo import (
+from proxrank.cli import build_parser, main
+from proxrank.cli.demo import (
     CONV_FALLBACK,
     QUICK,
     accuracy,
@@ -19,6 +18,7 @@ from proxrank.demo import (
     make_optimizer,
     prepare,
 )
+from proxrank.factorize import Factorized
 
 
 def demo_parser():

@@ -287,7 +287,7 @@ def test_history_is_bounded_and_evenly_spaced(capacity, n):
 
 
 def test_objective_needs_a_known_regularizer_and_a_loss():
-    class Shrink(proxrank.ProxMap):  # a thresholding map with no R known to diagnostics
+    class Shrink(proxrank.prox.ProxMap):  # a thresholding map with no R known to diagnostics
         name = "shrink"
 
         def cutoff(self, tau):
@@ -532,18 +532,23 @@ def test_figures_under_a_metric_are_in_the_regularised_matrix_space():
 
     torch.manual_seed(4)
     lin = torch.nn.Linear(6, 9, bias=False).double()
-    opt = proxrank.ProxRank(
-        torch.optim.SGD(lin.parameters(), lr=0.1), lin, lam=2.0, metric="fisher", diagnostics=True
-    )
     after_base, outputs = [], []
-    opt.optimizer.register_step_post_hook(lambda *_: after_base.append(lin.weight.detach().clone()))
+
+    class Recording(torch.optim.SGD):  # keeps the weight the base step leaves
+        def step(self, closure=None):
+            super().step(closure)
+            after_base.append(lin.weight.detach().clone())
+
+    opt = proxrank.ProxRank(
+        Recording(lin.parameters(), lr=0.1), lin, lam=2.0, metric="fisher", diagnostics=True
+    )
     x = torch.randn(20, 6, dtype=torch.float64) * torch.logspace(-1, 1, 6, dtype=torch.float64)
     for _ in range(2):
         opt.zero_grad()
         lin(x).pow(2).sum().backward()
         opt.step()
         outputs.append(lin.weight.detach().clone())
-    state = opt._target_state[id(lin.weight)]
+    state = opt.matrix("weight").metric_state
     Y = FisherMetric().weighting(state, {}, (9, 6)).to_metric(after_base[-1])
     s_new = (torch.linalg.svdvals(Y) - 0.2).clamp_min(0)
     (layer,) = opt.diagnostics().layers

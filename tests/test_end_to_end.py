@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import proxrank
+from proxrank.factorize import Factorized
 
 STEPS, RESUME_AT, BATCH = 60, 25, 64
 SCHEDULE = {"budget": 0.3, "warmup": 10, "ramp_end": 40}  # frozen ranks from step 41
@@ -125,14 +126,14 @@ def test_factorize_fits_the_budget_and_computes_the_same(runs):
     assert summary.model_params_after < summary.model_params_before
     # the ranks factorize finds are the ones the schedule froze and the diagnostics report (a
     # matrix the allocation kept whole never had a prox, so the diagnostics do not list it)
-    saved = opt.state_dict()["proxrank"]["targets"].values()
-    final = {entry["name"]: entry["state"]["final_rank"] for entry in saved}
+    saved = opt.state_dict()["proxrank"]["matrices"]
+    final = {entry["name"]: entry["schedule"]["final_rank"] for entry in saved}
     assert {lay.name: lay.rank for lay in summary.layers} == final
     for t in targets:
         if t.name not in {lay.name for lay in opt.diagnostics().layers}:
             assert final[t.name] == min(t.shape2d)
     assert {lay.name: lay.rank for lay in opt.diagnostics().layers}.items() <= final.items()
-    assert any(isinstance(m, proxrank.Factorized) for m in small.modules())
+    assert any(isinstance(m, Factorized) for m in small.modules())
     with torch.no_grad():
         dense_out, small_out = model(X), small(X)
     scale = dense_out.abs().max()

@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import proxrank
-from proxrank import Factorized, factorize
+from proxrank import factorize
+from proxrank.factorize import Factorized
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 

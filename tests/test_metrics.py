@@ -66,7 +66,7 @@ def test_weighted_prox_optimality_conditions(shape, seed, tau, diag_a, diag_b):
     rng = np.random.default_rng(seed)
     A, B = random_spd(rng, m, diag_a), random_spd(rng, n, diag_b)
     Y = rng.standard_normal((m, n)) * 2
-    X = proxrank.weighted_prox(
+    X = proxrank.metrics.weighted_prox(
         torch.from_numpy(Y), tau, as_arg(A, diag_a), as_arg(B, diag_b)
     ).numpy()
     Ah, Bh = sym_sqrt(A, 0.5), sym_sqrt(B, 0.5)
@@ -89,10 +89,10 @@ def test_weighted_prox_optimality_conditions(shape, seed, tau, diag_a, diag_b):
 def test_identity_weights_give_exactly_the_euclidean_prox(shape, seed, tau):
     Y = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ones_m, ones_n = torch.ones(shape[0], dtype=Y.dtype), torch.ones(shape[1], dtype=Y.dtype)
-    assert torch.equal(proxrank.weighted_prox(Y, tau, ones_m, ones_n), svt(Y, tau))
-    assert torch.equal(proxrank.weighted_prox(Y, tau), svt(Y, tau))
+    assert torch.equal(proxrank.metrics.weighted_prox(Y, tau, ones_m, ones_n), svt(Y, tau))
+    assert torch.equal(proxrank.metrics.weighted_prox(Y, tau), svt(Y, tau))
     assert torch.equal(damped(ones_m, 0.3), ones_m)  # normalised + damped identity stays I
-    full = proxrank.weighted_prox(Y, tau, torch.eye(shape[0], dtype=Y.dtype))
+    full = proxrank.metrics.weighted_prox(Y, tau, torch.eye(shape[0], dtype=Y.dtype))
     torch.testing.assert_close(full, svt(Y, tau), rtol=0, atol=1e-12)
 
 
@@ -100,7 +100,7 @@ def test_hard_prox_in_a_metric_keeps_rank_of_the_weighted_map():
     rng = np.random.default_rng(1)
     A, B = random_spd(rng, 5, False), random_spd(rng, 4, True)
     Y = torch.from_numpy(rng.standard_normal((5, 4)))
-    X = proxrank.weighted_prox(Y, 0.5, torch.from_numpy(A), as_arg(B, True), prox="hard")
+    X = proxrank.metrics.weighted_prox(Y, 0.5, torch.from_numpy(A), as_arg(B, True), prox="hard")
     Yt = torch.from_numpy(sym_sqrt(A, 0.5)) @ Y @ torch.from_numpy(sym_sqrt(B, 0.5))
     expected_rank = int((torch.linalg.svdvals(Yt) > 1.0).sum())  # sqrt(2 * 0.5)
     assert torch.linalg.matrix_rank(X) == expected_rank
@@ -109,9 +109,9 @@ def test_hard_prox_in_a_metric_keeps_rank_of_the_weighted_map():
 def test_weighted_prox_rejects_non_spd_weights():
     Y = torch.randn(3, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="A must have finite entries > 0"):
-        proxrank.weighted_prox(Y, 0.1, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+        proxrank.metrics.weighted_prox(Y, 0.1, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="B must be symmetric positive definite"):
-        proxrank.weighted_prox(Y, 0.1, None, -torch.eye(3, dtype=torch.float64))
+        proxrank.metrics.weighted_prox(Y, 0.1, None, -torch.eye(3, dtype=torch.float64))
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def test_fisher_statistics_are_the_ema_of_summed_squared_gradients(beta, side):
         expected = sum(sums) / len(sums)
     else:
         expected = sum((1 - beta) * beta ** (len(sums) - 1 - t) * v for t, v in enumerate(sums))
-    state = opt._target_state[id(lin.weight)]
+    state = opt.matrix("weight").metric_state
     torch.testing.assert_close(state["fisher"], expected)
     assert state["fisher_count"] == 4
 
@@ -163,7 +163,7 @@ def test_fisher_prox_step_is_the_weighted_prox_with_hand_computed_weights():
     opt.step()
     a = (1 - beta) * (g**2).sum(1)
     a = (a / a.mean() + damping) / (1 + damping)
-    expected = proxrank.weighted_prox(W_after_sgd, lam * lr, a, None)
+    expected = proxrank.metrics.weighted_prox(W_after_sgd, lam * lr, a, None)
     torch.testing.assert_close(lin.weight.detach(), expected, rtol=0, atol=1e-12)
     assert not torch.allclose(expected, svt(W_after_sgd, lam * lr))  # the metric matters
 
@@ -187,7 +187,7 @@ def test_fisher_with_closure_uses_the_closures_gradients():
     opt.step(closure)
     assert len(seen) == 1
     torch.testing.assert_close(
-        opt._target_state[id(lin.weight)]["fisher"], 0.01 * (seen[0] ** 2).sum(1)
+        opt.matrix("weight").metric_state["fisher"], 0.01 * (seen[0] ** 2).sum(1)
     )
 
 
@@ -197,7 +197,7 @@ def test_adam_metric_reads_exp_avg_sq():
     torch.manual_seed(0)
     lin = nn.Linear(5, 4, bias=False).double()
     base = torch.optim.Adam(lin.parameters(), lr=0.01)
-    opt = proxrank.ProxRank(base, lin, lam=1.0, metric=proxrank.AdamMetric(side="in"))
+    opt = proxrank.ProxRank(base, lin, lam=1.0, metric=proxrank.metrics.AdamMetric(side="in"))
     lin2 = nn.Linear(5, 4, bias=False).double()  # the same run by hand
     lin2.weight.data.copy_(lin.weight.detach())
     adam2 = torch.optim.Adam(lin2.parameters(), lr=0.01)
@@ -211,7 +211,7 @@ def test_adam_metric_reads_exp_avg_sq():
         b = None if step == 0 else damped(adam2.state[lin2.weight]["exp_avg_sq"].sum(0), 1e-2)
         adam2.step()
         with torch.no_grad():
-            lin2.weight.copy_(proxrank.weighted_prox(lin2.weight.detach(), 0.01, None, b))
+            lin2.weight.copy_(proxrank.metrics.weighted_prox(lin2.weight.detach(), 0.01, None, b))
         torch.testing.assert_close(lin.weight.detach(), lin2.weight.detach(), rtol=0, atol=1e-12)
 
 
@@ -232,12 +232,12 @@ def test_activation_statistics_are_input_second_moments_in_training_mode_only():
     full = [x.T @ x / 4 for x in xs]
     calls0 = [full[0], full[0], full[1], full[1]]
     exp0 = sum(0.5 * 0.5 ** (3 - t) * c for t, c in enumerate(calls0))
-    s0 = opt._target_state[id(model[0].weight)]
+    s0 = opt.matrix("0.weight").metric_state
     torch.testing.assert_close(s0["activation"], exp0)
     assert s0["activation_count"] == 4
     diag = [(h**2).mean(0) for h in hidden]
     exp1 = 0.5 * 0.5 * diag[0] + 0.5 * diag[1]
-    torch.testing.assert_close(opt._target_state[id(model[1].weight)]["activation"], exp1)
+    torch.testing.assert_close(opt.matrix("1.weight").metric_state["activation"], exp1)
 
 
 def test_two_sided_uses_fisher_rows_and_activation_columns():
@@ -253,7 +253,7 @@ def test_two_sided_uses_fisher_rows_and_activation_columns():
     opt.step()
     a = damped(0.01 * (g**2).sum(1), 1e-2)
     b = damped(0.01 * x.T @ x / 6, 1e-2)
-    expected = proxrank.weighted_prox(W_sgd, 0.05, a, b)
+    expected = proxrank.metrics.weighted_prox(W_sgd, 0.05, a, b)
     torch.testing.assert_close(lin.weight.detach(), expected, rtol=0, atol=1e-12)
 
 
@@ -327,11 +327,8 @@ def test_per_group_metric():
     model(torch.randn(5, 4)).pow(2).sum().backward()
     opt.step()
 
-    def metric_keys(param):  # the backend keeps its own entries beside the statistics
-        return {k for k in opt._target_state[id(param)] if k.startswith(("activation", "fisher"))}
-
-    assert metric_keys(model[0].weight) == {"activation", "activation_count"}
-    assert metric_keys(model[2].weight) == {"fisher", "fisher_count"}
+    assert set(opt.matrix("0.weight").metric_state) == {"activation", "activation_count"}
+    assert set(opt.matrix("2.weight").metric_state) == {"fisher", "fisher_count"}
 
 
 # -- training and resume ------------------------------------------------------------------------
@@ -369,7 +366,7 @@ def test_training_with_fisher_metric_lowers_loss_and_rank():
     losses = train(model, opt, 60, X, y)
     assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:8])
     assert torch.linalg.matrix_rank(model[0].weight) < 16
-    assert opt._target_state[id(model[0].weight)]["fisher_count"] == 60
+    assert opt.matrix("0.weight").metric_state["fisher_count"] == 60
 
 
 @pytest.mark.parametrize("metric", ["fisher", "two_sided"])
@@ -390,28 +387,27 @@ def test_resume_is_exact(metric):
     train(model_b, opt_b, 5, X, y, start=5)
     for p, q in zip(model.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(p, q)
-    for t in opt.targets:
-        s, s_b = (
-            opt._target_state[id(t.param)],
-            opt_b._target_state[id(dict(model_b.named_parameters())[t.name])],
-        )
-        assert s.keys() == s_b.keys()
-        for k in s:
-            if isinstance(s[k], torch.Tensor):
-                assert torch.equal(s[k], s_b[k])
-            else:
-                assert s[k] == s_b[k]
+    for info, info_b in zip(opt.matrices(), opt_b.matrices(), strict=True):
+        for s, s_b in (
+            (info.metric_state, info_b.metric_state),
+            (info.backend_state, info_b.backend_state),
+        ):
+            assert s.keys() == s_b.keys()
+            for k in s:
+                if isinstance(s[k], torch.Tensor):
+                    assert torch.equal(s[k], s_b[k])
+                else:
+                    assert s[k] == s_b[k]
 
 
 def test_state_dict_holds_the_fisher_statistics():
     X, y = digits_like()
     model, opt = make("fisher")
     train(model, opt, 3, X, y)
-    saved = opt.state_dict()["proxrank"]["targets"]
-    for t in opt.targets:
-        entry = saved[opt._position[id(t.param)]]
-        assert entry["name"] == t.name and entry["state"]["fisher_count"] == 3
-        assert torch.equal(entry["state"]["fisher"], opt._target_state[id(t.param)]["fisher"])
+    saved = opt.state_dict()["proxrank"]["matrices"]
+    for entry, info in zip(saved, opt.matrices(), strict=True):
+        assert entry["name"] == info.name and entry["metric"]["fisher_count"] == 3
+        assert torch.equal(entry["metric"]["fisher"], info.metric_state["fisher"])
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -491,7 +487,10 @@ def test_bad_metric_settings():
 
 def test_activation_metric_refuses_conv_and_named_parameters():
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"nn.Linear weights only; '0.weight' belongs to a Conv2d"):
+    with pytest.raises(
+        ValueError,
+        match=r"nn.Linear and transformers' Conv1D weights only; '0.weight' belongs to a Conv2d",
+    ):
         proxrank.ProxRank(
             torch.optim.SGD(conv.parameters(), lr=0.1), conv, lam=0.1, metric="activation"
         )
@@ -514,7 +513,7 @@ def test_fisher_metric_on_conv_trains():
     )
     conv(torch.randn(4, 2, 6, 6)).pow(2).mean().backward()
     opt.step()
-    assert opt._target_state[id(conv[0].weight)]["fisher"].shape == (6,)
+    assert opt.matrix("0.weight").metric_state["fisher"].shape == (6,)
     assert torch.isfinite(conv[0].weight).all()
 
 
@@ -535,18 +534,40 @@ def test_custom_metric_with_constant_statistics_equals_euclidean_exactly():
         assert torch.equal(p, q)
 
 
-def test_overflowing_activation_statistics_raise_in_forward_naming_the_weight():
+def test_overflowing_activation_statistics_are_not_stored_and_the_step_raises_naming_the_weight():
     model = mlp()
     opt = proxrank.ProxRank(
         torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, metric="activation"
     )
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    before = [dict(opt._target_state[id(t.param)]) for t in opt.targets]
+    before = [info.metric_state for info in opt.matrices()]
     x = torch.randn(3, 4)
     x[0, 0] = 1e30  # finite, but x x^T overflows float32
-    with pytest.raises(FloatingPointError, match="weight '0.weight': the activation statistic"):
-        model(x)
-    after = [opt._target_state[id(t.param)] for t in opt.targets]
+    opt.zero_grad()
+    model(x).sum().backward()  # the forward itself does not fail
+    after = [info.metric_state for info in opt.matrices()]
     for b, a in zip(before, after, strict=True):
         assert b.keys() == a.keys() and all(b[k] is a[k] for k in b)  # nothing stored
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="weight '0.weight': the activation statistic"):
+        opt.step()
+    assert opt.step_count == 1
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p.detach(), w)
+
+
+def test_activation_statistics_are_float32_outside_autocast():
+    model = mlp()
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, metric="activation"
+    )
+    x = torch.randn(6, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model[1](model[0](x))  # the second layer's input, in bfloat16
+        model(x)
+    assert h.dtype == torch.bfloat16
+    stat = opt.matrix("2.weight").metric_state["activation"]
+    assert stat.dtype == torch.float32
+    h = h.float()
+    torch.testing.assert_close(stat, 0.01 * (h.T @ h) / 6)  # (1 - beta) E[h h^T] in float32

@@ -50,7 +50,7 @@ def train(model, opt, steps, scheduler=None, start=0):
 def prox_reference(model, lam, lrs):
     """Apply svt with tau = lam * lr to the selected matrices of ``model`` (the twin run)."""
     with torch.no_grad():
-        for t, lr in zip(proxrank.select_targets(model), lrs, strict=True):
+        for t, lr in zip(proxrank.selection.select_targets(model), lrs, strict=True):
             p = t.param
             p.copy_(F.svt(p.reshape(p.shape[0], -1), lam * lr).reshape(p.shape))
 
@@ -195,7 +195,7 @@ def test_checkpoint_resume_equals_uninterrupted_run():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_state_dict_nests_base_and_keys_targets_by_position():
+def test_state_dict_nests_base_and_lists_matrices_with_their_positions():
     model = make_model()
     base = torch.optim.Adam(model.parameters(), lr=1e-2)
     opt = proxrank.ProxRank(base, model, lam=0.1)
@@ -204,8 +204,16 @@ def test_state_dict_nests_base_and_keys_targets_by_position():
     assert set(sd) == {"state", "param_groups", "proxrank"}
     assert sd["param_groups"][0]["lam"] == 0.1 and sd["param_groups"][0]["prox"] == "soft"
     positions = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    assert {k: v["name"] for k, v in sd["proxrank"]["targets"].items()} == {
-        positions[n]: n for n in ("0.weight", "3.weight", "5.weight")
+    assert [(e["position"], e["name"]) for e in sd["proxrank"]["matrices"]] == [
+        (positions[n], n) for n in ("0.weight", "3.weight", "5.weight")
+    ]
+    assert set(sd["proxrank"]["matrices"][0]) == {
+        "name",
+        "position",
+        "shape",
+        "backend",
+        "metric",
+        "schedule",
     }
     base_only = copy.deepcopy(base.state_dict())  # a plain base checkpoint also loads
     opt.load_state_dict(base_only)
@@ -220,12 +228,12 @@ def test_load_state_dict_mismatch_raises_before_changing_anything():
     opt_other = proxrank.ProxRank(
         torch.optim.Adam(other.parameters(), lr=1e-2), other, lam=0.1, exclude=["5"]
     )
-    with pytest.raises(ValueError, match="prox targets at parameter positions"):
+    with pytest.raises(ValueError, match="state_dict was saved with prox matrices"):
         opt_other.load_state_dict(opt.state_dict())
     assert opt_other.step_count == 0 and len(opt_other.state) == 0
     sd = opt.state_dict()
-    sd["proxrank"]["targets"][0]["shape"] = (99, 12)
-    with pytest.raises(ValueError, match=r"'0.weight' has shape \(99, 12\)"):
+    sd["proxrank"]["matrices"][0]["shape"] = (99, 12)
+    with pytest.raises(ValueError, match=r"'0.weight' has matrix shape \(99, 12\)"):
         opt.load_state_dict(sd)
 
 
@@ -408,6 +416,6 @@ def test_state_dict_is_a_snapshot():
     )
     train(model, opt, 1)
     sd = opt.state_dict()
-    saved = copy.deepcopy(sd["proxrank"]["targets"])
+    saved = copy.deepcopy(sd["proxrank"]["matrices"])
     train(model, opt, 1, start=1)
-    assert sd["proxrank"]["targets"] == saved
+    assert sd["proxrank"]["matrices"] == saved

@@ -154,7 +154,7 @@ def test_soft_rank_target_shrinks_kept_values_by_the_next_one():
 def test_rank_prox_asks_the_backend_for_r_plus_one_triplets():
     seen = []
 
-    class Spy(proxrank.ExactBackend):
+    class Spy(proxrank.backends.ExactBackend):
         def svd(self, Y, cutoff, state, min_rank=0):
             seen.append(min_rank)
             return super().svd(Y, cutoff, state, min_rank)
@@ -217,7 +217,7 @@ def test_warmup_applies_no_prox_and_freeze_keeps_the_rank_while_training():
         if n == 6:
             frozen = rank
             assert frozen < 12
-            assert opt._target_state[id(model[0].weight)]["rank"] == frozen
+            assert opt.matrix("0.weight").schedule_state["rank"] == frozen
         if n > 6:
             assert sch.phase(n) == "freeze" and rank == frozen
 
@@ -258,7 +258,7 @@ def test_one_schedule_argument_reaches_a_parameter_budget(budget):
 
 def test_compact_mode_and_fisher_weights_through_the_schedule():
     model = _mlp()
-    names = [t.name for t in proxrank.select_targets(model)]
+    names = [t.name for t in proxrank.selection.select_targets(model)]
     sch = Schedule(mode="compact", tolerance=0.5, ramp_end=1, weights=dict.fromkeys(names, 2.0))
     opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.0), model, schedule=sch)
     spectra = [torch.linalg.svdvals(model[i].weight.double()) for i in (0, 2, 4)]
@@ -266,7 +266,7 @@ def test_compact_mode_and_fisher_weights_through_the_schedule():
     alloc = proxrank.allocate_ranks(
         spectra, [(48, 32), (48, 48), (5, 48)], mode="compact", tolerance=0.5, weights=[2.0] * 3
     )
-    got = tuple(opt._target_state[id(model[i].weight)]["final_rank"] for i in (0, 2, 4))
+    got = tuple(opt.matrix(f"{i}.weight").schedule_state["final_rank"] for i in (0, 2, 4))
     assert got == alloc.ranks
 
 
@@ -388,19 +388,22 @@ def test_rank_target_in_the_fisher_metric():
     model = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4))
     x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
     sch = Schedule(target=3, warmup=2, ramp_end=2, threshold="hard")
-    opt = proxrank.ProxRank(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, schedule=sch, metric="fisher"
-    )
     after_base = []
-    opt.optimizer.register_step_post_hook(
-        lambda *_: after_base.append(model[0].weight.detach().clone())
+
+    class Recording(torch.optim.SGD):  # keeps the weight the base step leaves
+        def step(self, closure=None):
+            super().step(closure)
+            after_base.append(model[0].weight.detach().clone())
+
+    opt = proxrank.ProxRank(
+        Recording(model.parameters(), lr=0.1), model, schedule=sch, metric="fisher"
     )
     for _ in range(3):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     W = model[0].weight.detach()
-    A = damped(opt._target_state[id(model[0].weight)]["fisher"], 1e-2)
+    A = damped(opt.matrix("0.weight").metric_state["fisher"], 1e-2)
     assert not torch.allclose(A, A.mean().expand_as(A))  # a non-trivial metric
     torch.testing.assert_close(W, weighted_truncate(after_base[-1], 3, A=A))
     assert int(torch.linalg.matrix_rank(W)) == 3

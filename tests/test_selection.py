@@ -25,10 +25,18 @@ def names(targets):
     return [t.name for t in targets]
 
 
-def test_default_selects_linear_and_conv_weights_only():
+def test_default_selects_weight_matrices_of_known_layer_kinds_only():
     net = Net()
     got = names(select_targets(net))
-    assert got == ["conv.weight", "fc1.weight", "fc2.weight", "attn.out_proj.weight"]
+    assert got == [
+        "conv.weight",
+        "fc1.weight",
+        "fc2.weight",
+        "attn.in_proj_weight[q]",
+        "attn.in_proj_weight[k]",
+        "attn.in_proj_weight[v]",
+        "attn.out_proj.weight",
+    ]
 
 
 def test_conv_is_reshaped_out_by_in_kernel():
@@ -44,11 +52,12 @@ def test_include_replaces_default_and_exclude_removes():
         "fc1.weight",
         "fc2.weight",
     ]
-    assert names(select_targets(net, include=nn.MultiheadAttention)) == ["attn.in_proj_weight"]
-    assert names(select_targets(net, exclude=["fc2", nn.Conv2d])) == [
-        "fc1.weight",
-        "attn.out_proj.weight",
+    assert names(select_targets(net, include=nn.MultiheadAttention)) == [
+        "attn.in_proj_weight[q]",
+        "attn.in_proj_weight[k]",
+        "attn.in_proj_weight[v]",
     ]
+    assert names(select_targets(net, exclude=["fc2", nn.Conv2d, "attn*"])) == ["fc1.weight"]
 
 
 def test_named_parameters_select_every_matrix():
@@ -82,18 +91,104 @@ def test_error_paths():
         select_targets([net.fc1.weight])
     with pytest.raises(TypeError, match="is a list, not a torch.Tensor"):
         select_targets([("w", [1.0])])
+
+
+def test_complex_and_empty_weights_are_left_out():
+    """Complex weights get no prox (its complex SVT is not implemented): they are not selected,
+    named or by default; nor are zero-size matrices."""
     w = nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))
-    with pytest.raises(TypeError, match="'w' has dtype torch.complex64"):
-        select_targets([("w", w)])
+    assert select_targets([("w", w)]) == []
+    assert select_targets(nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 3))) == []
 
 
 @pytest.mark.parametrize("emb_first", [True, False])
 def test_tied_weight_selected_whichever_owner_is_registered_first(emb_first):
-    """An embedding tied to a Linear head: the head's weight is selected by default (a Linear
-    weight) and by an include pattern naming the head, in either registration order."""
+    """An embedding tied to a Linear head: the head's weight is left out by default (with a
+    warning: the prox would act on the embedding) and selected by an include pattern naming the
+    head, in either registration order."""
     emb, head = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
     head.weight = emb.weight
     model = nn.ModuleDict({"emb": emb, "head": head} if emb_first else {"head": head, "emb": emb})
-    assert names(select_targets(model)) == ["head.weight"]
+    assert names(select_targets(model)) == []
+    with pytest.warns(UserWarning, match="head.weight shares its tensor with an embedding"):
+        select_targets(model, warn=True)
     assert names(select_targets(model, include=["head.weight"])) == ["head.weight"]
     assert names(select_targets(model, include=[nn.Embedding])) == ["emb.weight"]
+
+
+def test_views_of_every_default_layer_kind():
+    """Each kind's matrices, read through their views, are the operators the layer applies."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "lstm": nn.LSTM(3, 5, bidirectional=True),
+            "gru": nn.GRU(3, 4),
+            "rnn": nn.RNN(3, 4),
+            "deconv": nn.ConvTranspose2d(6, 4, 3),
+            "mha": nn.MultiheadAttention(8, 2, kdim=5, vdim=3),
+        }
+    )
+    got = {t.name: t for t in select_targets(model)}
+    lstm = model["lstm"]
+    for gi, gate in enumerate("ifgo"):
+        for name in ("weight_ih_l0", "weight_hh_l0_reverse"):
+            t = got[f"lstm.{name}[{gate}]"]
+            block = getattr(lstm, name)[5 * gi : 5 * (gi + 1)]
+            assert t.kind == "recurrent" and torch.equal(t.view.read(t.param), block)
+    assert [n for n in got if n.startswith("gru.weight_ih")] == [
+        "gru.weight_ih_l0[r]",
+        "gru.weight_ih_l0[z]",
+        "gru.weight_ih_l0[n]",
+    ]
+    assert got["rnn.weight_hh_l0"].shape2d == (4, 4)
+    assert (
+        got["deconv.weight"].shape2d == (6, 4 * 9) and got["deconv.weight"].kind == "conv_transpose"
+    )
+    assert {"mha.q_proj_weight", "mha.k_proj_weight", "mha.v_proj_weight"} <= set(got)
+    assert got["mha.k_proj_weight"].shape2d == (8, 5)
+
+
+def test_hf_conv1d_is_read_transposed():
+    transformers = pytest.importorskip("transformers")
+    conv = transformers.pytorch_utils.Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs: weight is 4 x 6
+    (t,) = select_targets(nn.Sequential(conv))
+    assert t.kind == "hf_conv1d" and t.shape2d == (6, 4)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(conv(x), x @ t.view.read(t.param).T + conv.bias)
+
+
+def test_view_write_round_trips_blocks_and_transposes():
+    p = torch.arange(24.0).reshape(6, 4)
+    from proxrank.selection import MatrixView
+
+    for view in (
+        MatrixView(),
+        MatrixView(2, 4),
+        MatrixView(transposed=True),
+        MatrixView(0, 3, True),
+    ):
+        q = p.clone()
+        X = torch.randn(view.shape(q))
+        view.write(q, X)
+        assert torch.equal(view.read(q), X)
+        untouched = torch.ones_like(q, dtype=torch.bool)
+        untouched[view.start : view.stop] = False
+        assert torch.equal(q[untouched], p[untouched])
+    q = p.clone().T  # a non-contiguous parameter
+    view = MatrixView(1, 3)
+    X = torch.randn(view.shape(q))
+    view.write(q, X)
+    assert torch.equal(view.read(q), X)
+
+
+def test_unknown_layer_kinds_are_named_in_a_warning():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Parameter(torch.randn(4, 4))
+            self.lin = nn.Linear(4, 4)
+
+    with pytest.warns(UserWarning, match=r"1 weight matrices .* get no prox: mix"):
+        targets = select_targets(Custom(), warn=True)
+    assert names(targets) == ["lin.weight"]
+    assert names(select_targets(Custom(), include=["mix"])) == ["mix"]

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .diagnostics import Diagnostics, ModelDiagnostics, _nan_to_none
-from .factorize import FactorizeSummary, factorize
-from .optimizer import ProxRank
-from .schedules import Schedule
+from ..diagnostics import Diagnostics, ModelDiagnostics, json_safe
+from ..factorize import FactorizeSummary, factorize
+from ..optimizer import ProxRank
+from ..schedules import Schedule
 
 __all__ = ["add_arguments", "prepare", "run"]
 
@@ -522,7 +522,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "wall_seconds": time.perf_counter() - wall,
     }
-    (out / "summary.json").write_text(json.dumps(_nan_to_none(report), indent=2))
+    (out / "summary.json").write_text(json.dumps(json_safe(report), indent=2))
     print(summary)
     print()
     print(comparison_table(results))
