@@ -56,6 +56,7 @@ class _Job:
     lam: float
     lr: float
     weighting: Weighting | None
+    backend_state: dict[str, Any]  # a copy the backend may write into (empty after a resize)
 
 
 @dataclass
@@ -512,7 +513,7 @@ class ProxRank(Optimizer):
             )
         if weighting is not None:
             weighting = weighting.to(compute_dtype(t.param.dtype))
-        return _Job(index, plan, options.lam, lr, weighting)
+        return _Job(index, plan, options.lam, lr, weighting, self._current(index, "backend", work))
 
     def _raise_input_errors(self) -> None:
         for rec in self._records:
@@ -583,7 +584,7 @@ class ProxRank(Optimizer):
             W = t.view.read(t.param.detach()).to(compute_dtype(t.param.dtype))
             Ys.append(W if job.weighting is None else job.weighting.to_metric(W))
         Y = torch.stack([Yi.mT if Yi.shape[0] > Yi.shape[1] else Yi for Yi in Ys])
-        states = [dict(rec.backend) for rec in records]
+        states = [job.backend_state for job in batch]
         first = batch[0].plan
         try:
             if first.rank is None:
