@@ -11,7 +11,8 @@ layer kind (``Target.kind``)           matrices
 ``conv``  ``nn.Conv1d/2d/3d``          ``weight`` as ``out x (in/groups prod(k))``
 ``conv_transpose``  ``nn.ConvTranspose1d/2d/3d``  ``weight`` as ``in x (out/groups prod(k))``
 ``hf_conv1d``  ``transformers`` ``Conv1D``  ``weight.T`` (stored ``in x out``; the matrix is
-                                       ``out x in``, as for ``nn.Linear``)
+                                       ``out x in``, as for ``nn.Linear``); GPT-2's ``c_attn``
+                                       as three blocks ``[q]``, ``[k]``, ``[v]``
 ``attention``  ``nn.MultiheadAttention``  ``in_proj_weight`` as three ``d x d`` blocks ``[q]``,
                                        ``[k]``, ``[v]`` (or ``q/k/v_proj_weight`` when the key
                                        and value dims differ); ``out_proj`` is an ``nn.Linear``
@@ -63,39 +64,40 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 @dataclass(frozen=True)
 class MatrixView:
-    """Which matrix of a parameter the prox acts on: rows ``[start, stop)`` of the parameter
-    flattened to ``d0 x (d1 d2 ...)`` (``stop=None``: all rows), transposed when
-    ``transposed``. :meth:`read` returns that matrix (a view of the parameter's storage when it
-    is contiguous); :meth:`write` writes a matrix of that shape back."""
+    """Which matrix of a parameter the prox acts on: the parameter flattened to
+    ``d0 x (d1 d2 ...)``, transposed when ``transposed``, then rows ``[start, stop)`` of that
+    (``stop=None``: all rows). :meth:`read` returns the matrix (a view of the parameter's
+    storage); :meth:`write` writes a matrix of that shape back in place."""
 
     start: int = 0
     stop: int | None = None
     transposed: bool = False
     label: str = ""
 
-    def _rows(self, t: Tensor) -> Tensor:
+    def _matrix(self, t: Tensor) -> Tensor:
         flat = t.reshape(t.shape[0], -1)
-        return flat if self.stop is None and self.start == 0 else flat[self.start : self.stop]
+        M = flat.mT if self.transposed else flat
+        return M if self.stop is None and self.start == 0 else M[self.start : self.stop]
 
     def shape(self, param: Tensor) -> tuple[int, int]:
         """``(m, n)`` of the matrix for a parameter of ``param``'s shape."""
-        rows = (param.shape[0] if self.stop is None else self.stop) - self.start
-        cols = param.numel() // param.shape[0] if param.shape[0] else 0
-        return (cols, rows) if self.transposed else (rows, cols)
+        d0 = param.shape[0]
+        rest = param.numel() // d0 if d0 else 0
+        full = (rest, d0) if self.transposed else (d0, rest)
+        return (full[0] if self.stop is None else self.stop) - self.start, full[1]
 
     def read(self, t: Tensor) -> Tensor:
         """The matrix of ``t`` (the parameter or a tensor of its shape, e.g. its gradient)."""
-        M = self._rows(t)
-        return M.mT if self.transposed else M
+        return self._matrix(t)
 
     def write(self, param: Tensor, X: Tensor) -> None:
         """Write ``X`` (the matrix's shape, any float dtype) into ``param`` in place."""
-        X = (X.mT if self.transposed else X).to(param.dtype)
+        X = X.to(param.dtype)
         if param.is_contiguous():
-            self._rows(param.view(param.shape[0], -1)).copy_(X)
+            self._matrix(param).copy_(X)  # reshape of a contiguous tensor is a view
             return
         flat = param.reshape(param.shape[0], -1).clone()
-        self._rows(flat).copy_(X)
+        self._matrix(flat).copy_(X)
         param.copy_(flat.reshape(param.shape))
 
 
@@ -148,9 +150,23 @@ def _kind(module: nn.Module | None) -> str:
     return "parameter"
 
 
-def _views(kind: str, module: nn.Module | None, pname: str, p: Tensor) -> list[MatrixView]:
-    """The matrices of parameter ``pname`` (its name in ``module``) of a layer of ``kind``."""
-    if kind == "hf_conv1d":
+@dataclass(frozen=True)
+class _Candidate:
+    name: str  # qualified parameter name
+    local: str  # name within its module
+    module_name: str
+    module: nn.Module | None
+    param: Tensor
+
+
+def _views(c: _Candidate, kind: str) -> list[MatrixView]:
+    """The matrices of a candidate parameter of a layer of ``kind``."""
+    module, pname, p = c.module, c.local, c.param
+    if kind == "hf_conv1d":  # GPT-2's c_attn stacks q/k/v: nf = 3 nx
+        qkv = c.module_name.rpartition(".")[2] == "c_attn"
+        if qkv and getattr(module, "nf", None) == 3 * p.shape[0]:
+            d = p.shape[0]
+            return [MatrixView(i * d, (i + 1) * d, True, q) for i, q in enumerate("qkv")]
         return [MatrixView(transposed=True)]
     if kind == "attention" and pname == "in_proj_weight":
         d = p.shape[0] // 3
@@ -199,15 +215,6 @@ def _matches(
         elif module is not None and isinstance(module, sel):
             return True
     return False
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    name: str  # qualified parameter name
-    local: str  # name within its module
-    module_name: str
-    module: nn.Module | None
-    param: Tensor
 
 
 def _candidates(source: nn.Module | Iterable[tuple[str, nn.Parameter]]) -> list[_Candidate]:
@@ -324,7 +331,7 @@ def select_targets(
     targets = []
     for c in chosen.values():
         kind = _kind(c.module) if c.module is not None else "parameter"
-        for view in _views(kind, c.module, c.local, c.param):
+        for view in _views(c, kind):
             name = f"{c.name}[{view.label}]" if view.label else c.name
             module_type = type(c.module) if c.module is not None else None
             targets.append(Target(name, c.param, view, kind, module_type))

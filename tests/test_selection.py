@@ -148,37 +148,40 @@ def test_views_of_every_default_layer_kind():
     assert got["mha.k_proj_weight"].shape2d == (8, 5)
 
 
-def test_hf_conv1d_is_read_transposed():
+def test_hf_conv1d_is_read_transposed_and_gpt2_qkv_per_block():
     transformers = pytest.importorskip("transformers")
     conv = transformers.pytorch_utils.Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs: weight is 4 x 6
     (t,) = select_targets(nn.Sequential(conv))
     assert t.kind == "hf_conv1d" and t.shape2d == (6, 4)
     x = torch.randn(2, 4)
     torch.testing.assert_close(conv(x), x @ t.view.read(t.param).T + conv.bias)
+    attn = nn.Module()
+    attn.c_attn = transformers.pytorch_utils.Conv1D(12, 4)  # GPT-2's stacked q/k/v
+    targets = select_targets(attn)
+    assert [t.name for t in targets] == ["c_attn.weight[q]", "c_attn.weight[k]", "c_attn.weight[v]"]
+    q, k, v = (attn.c_attn(x) - attn.c_attn.bias).split(4, dim=-1)
+    for t, out in zip(targets, (q, k, v), strict=True):
+        assert t.shape2d == (4, 4)
+        torch.testing.assert_close(x @ t.view.read(t.param).T, out)
 
 
 def test_view_write_round_trips_blocks_and_transposes():
-    p = torch.arange(24.0).reshape(6, 4)
     from proxrank.selection import MatrixView
 
-    for view in (
-        MatrixView(),
-        MatrixView(2, 4),
-        MatrixView(transposed=True),
-        MatrixView(0, 3, True),
-    ):
-        q = p.clone()
-        X = torch.randn(view.shape(q))
-        view.write(q, X)
-        assert torch.equal(view.read(q), X)
-        untouched = torch.ones_like(q, dtype=torch.bool)
-        untouched[view.start : view.stop] = False
-        assert torch.equal(q[untouched], p[untouched])
-    q = p.clone().T  # a non-contiguous parameter
-    view = MatrixView(1, 3)
-    X = torch.randn(view.shape(q))
-    view.write(q, X)
-    assert torch.equal(view.read(q), X)
+    p = torch.arange(24.0).reshape(6, 4)
+    views = (MatrixView(), MatrixView(2, 4), MatrixView(transposed=True), MatrixView(1, 3, True))
+    for q in (p.clone(), p.clone().T.contiguous().T):  # contiguous, and not
+        for view in views:
+            before = q.clone()
+            X = torch.randn(view.shape(q))
+            view.write(q, X)
+            assert torch.equal(view.read(q), X)
+            touched = torch.zeros_like(q)
+            view.write(touched, torch.ones(view.shape(q)))
+            assert int(touched.sum()) == X.numel()
+            assert torch.equal(q[touched == 0], before[touched == 0])
+    assert MatrixView(1, 3, True).shape(p) == (2, 6)
+    assert torch.equal(MatrixView(1, 3, True).read(p), p[:, 1:3].T)
 
 
 def test_unknown_layer_kinds_are_named_in_a_warning():
