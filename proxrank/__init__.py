@@ -27,7 +27,14 @@ from .diagnostics import (
     ModelDiagnostics,
     TensorBoardLogger,
 )
-from .factorize import Factorized, FactorizeSummary, LayerSummary, factorize
+from .factorize import (
+    Factorized,
+    FactorizedMultiheadAttention,
+    FactorizeSummary,
+    LayerSummary,
+    factorize,
+    load_factorized,
+)
 from .metrics import (
     ActivationMetric,
     AdamMetric,
@@ -60,6 +67,7 @@ __all__ = [
     "ExactBackend",
     "FactorizeSummary",
     "Factorized",
+    "FactorizedMultiheadAttention",
     "FisherMetric",
     "GramBackend",
     "HardThreshold",
@@ -85,6 +93,7 @@ __all__ = [
     "compress",
     "factorize",
     "functional",
+    "load_factorized",
     "select_targets",
     "weighted_prox",
     "weighted_truncate",
