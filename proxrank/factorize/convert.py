@@ -392,6 +392,19 @@ def _replace(model: nn.Module, paths: list[str], new: nn.Module) -> nn.Module:
     return model
 
 
+def _disable_nested_tensors(model: nn.Module) -> None:
+    """``nn.TransformerEncoder`` decides at construction whether its inference path packs the
+    batch into nested tensors, which only the fused encoder layer (one packed dense attention
+    weight) can take: switch it off where a layer's attention is now factorized, as its
+    constructor would have."""
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(
+            isinstance(getattr(layer, "self_attn", None), FactorizedMultiheadAttention)
+            for layer in mod.layers
+        ):
+            mod.use_nested_tensor = False
+
+
 @dataclass
 class _Options:
     rtol: float | None
@@ -501,7 +514,9 @@ def factorize(
     * ``nn.RNN/LSTM/GRU`` weights are reported per gate block with their rank and stay dense
       (``reason`` says why); other selected weights (embeddings, ...) stay too.
 
-    Everything else is left untouched. A weight shared by several modules (tied) stays dense.
+    Everything else is left untouched, except that an ``nn.TransformerEncoder`` whose
+    attention is factorized no longer packs its inference batch into nested tensors (that
+    path needs the fused dense encoder layer). A weight shared by several modules (tied) stays dense.
 
     Args:
         model: the model; a copy is changed and returned unless ``inplace=True``.
@@ -569,6 +584,7 @@ def factorize(
         summary.layers.extend(rows)
         if new is not None:
             model = _replace(model, paths[id(module)], new)
+    _disable_nested_tensors(model)
     summary.model_params_after = _count_params(model)
     return model, summary
 
@@ -644,5 +660,6 @@ def load_factorized(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Modul
         new = _restored(mod, f"{mod_paths[0]}." if mod_paths[0] else "", state_dict)
         if new is not None:
             model = _replace(model, mod_paths, new)
+    _disable_nested_tensors(model)
     model.load_state_dict(state_dict)
     return model
