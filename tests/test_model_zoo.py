@@ -233,7 +233,7 @@ def _timm(name: str) -> Callable[[], nn.Module]:
         if name == "convnext":
             from timm.models.convnext import ConvNeXt
 
-            return ConvNeXt(depths=(1, 1), dims=(16, 32), num_classes=10)
+            return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=10)
         from timm.models.vision_transformer import VisionTransformer
 
         return VisionTransformer(
