@@ -516,7 +516,8 @@ def factorize(
 
     Everything else is left untouched, except that an ``nn.TransformerEncoder`` whose
     attention is factorized no longer packs its inference batch into nested tensors (that
-    path needs the fused dense encoder layer). A weight shared by several modules (tied) stays dense.
+    path needs the fused dense encoder layer). A weight shared by several modules (tied) stays
+    dense.
 
     Args:
         model: the model; a copy is changed and returned unless ``inplace=True``.

@@ -104,6 +104,13 @@ class Factorized(nn.Module):
         W = torch.einsum("grik,gorl->goikl", Fg, Sg)
         return W.reshape(S.shape[0], F_.shape[1], *k)
 
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(
+            "Factorized.weight is the product of the factors and cannot be assigned; "
+            "change first.weight / second.weight instead"
+        )
+
     @property
     def bias(self) -> Tensor | None:
         """The original layer's bias (``second.bias``)."""
