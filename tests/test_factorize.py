@@ -604,6 +604,31 @@ def test_attention_blocks_dense_weights_and_fused_paths_off():
     assert type(same) is nn.MultiheadAttention and not any(r.factorized for r in rows.layers)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("attention", [False, True])
+def test_transformer_encoder_inference_paths(attention):
+    """Factorized feed-forward layers keep the encoder's fused nested-tensor path (it reads the
+    dense ``linear1.weight``); a factorized attention switches that path off."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+    for layer in enc.layers:
+        low_rank_blocks(layer.linear1.weight, 2)
+        low_rank_blocks(layer.linear2.weight, 2)
+        low_rank_blocks(layer.self_attn.in_proj_weight, 2, blocks=3)
+    enc.eval()
+    include = [nn.Linear, nn.MultiheadAttention] if attention else [nn.Linear]
+    small, _ = factorize(enc, include=include)
+    assert isinstance(small.layers[1].linear2, Factorized)
+    assert small.use_nested_tensor is (not attention)
+    x, pad = torch.randn(2, 6, 16), torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():
+        ref, out = enc(x, src_key_padding_mask=pad), small(x, src_key_padding_mask=pad)
+    valid = ~pad[..., None]
+    assert torch.allclose(out * valid, ref * valid, atol=1e-5)
+    assert bool((out[1, 4:] == 0).all()) is not attention  # nested path: zeros at padding
+
+
 def test_attention_errors_match_torch():
     mha = _attention()
     fact = factorize(mha, include=[nn.MultiheadAttention])[0]

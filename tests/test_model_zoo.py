@@ -21,6 +21,7 @@ try:
 except ImportError:  # transformers is an optional dependency
     Conv1D = None
 
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 RANK = 2
 #: rows of the summary that stay dense by kind (recurrent layers)
 _BLOCKS = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -453,15 +453,13 @@ def _reason_row(name: str, param: Tensor, module: nn.Module | None, reason: str)
 
 
 def _convert(
-    module: nn.Module, attrs: dict[str, str], opts: _Options
+    module: nn.Module, prefix: str, attrs: list[str], opts: _Options
 ) -> tuple[list[LayerSummary], nn.Module | None]:
-    """Summary rows of a module's selected weights (``attrs``: attribute -> parameter name) and
-    its replacement (None: it stays)."""
+    """Summary rows of a module's selected weights (``attrs``; parameter names start with
+    ``prefix``) and its replacement (None: it stays)."""
     if isinstance(module, nn.MultiheadAttention):
-        prefix = next(iter(attrs.values()))[: -len(next(iter(attrs)))]
-        units = _mha_units(module, prefix)
         rows, projs, changed = [], [], False
-        for unit in units:
+        for unit in _mha_units(module, prefix):
             plan = None
             if unit.attr in attrs:
                 row, plan = _row(unit, opts)
@@ -470,12 +468,12 @@ def _convert(
             changed |= plan is not None
         return rows, FactorizedMultiheadAttention(module, *projs) if changed else None
     if isinstance(module, nn.RNNBase):
-        units = [u for attr, name in attrs.items() for u in _recurrent_units(module, attr, name)]
+        units = [u for attr in attrs for u in _recurrent_units(module, attr, prefix + attr)]
         return [_row(u, opts, RECURRENT_REASON)[0] for u in units], None
-    unit = _layer_unit(module, attrs.get("weight", ""))
+    unit = _layer_unit(module, prefix + "weight")
     rows = [
-        _reason_row(name, getattr(module, attr), module, _UNKNOWN_REASON)
-        for attr, name in attrs.items()
+        _reason_row(prefix + attr, getattr(module, attr), module, _UNKNOWN_REASON)
+        for attr in attrs
         if unit is None or attr != "weight"
     ]
     if unit is None or "weight" not in attrs:
@@ -557,7 +555,7 @@ def factorize(
             owners.setdefault(id(p), {})[id(mod)] = (mod, attr)
     # rows in target order; a module's rows where its first selected weight comes
     order: list[tuple[str, Any]] = []
-    selected: dict[int, tuple[nn.Module, dict[str, str]]] = {}
+    selected: dict[int, tuple[nn.Module, list[str]]] = {}
     for t in targets:
         own = list(owners.get(id(t.param), {}).values())
         if len(own) != 1:
@@ -566,9 +564,10 @@ def factorize(
             continue
         mod, attr = own[0]
         if id(mod) not in selected:
-            selected[id(mod)] = (mod, {})
+            selected[id(mod)] = (mod, [])
             order.append(("module", id(mod)))
-        selected[id(mod)][1][attr] = t.name
+        if attr not in selected[id(mod)][1]:
+            selected[id(mod)][1].append(attr)
     known = [
         m
         for m, _ in selected.values()
@@ -581,7 +580,8 @@ def factorize(
             summary.layers.append(item)
             continue
         module, attrs = selected[item]
-        rows, new = _convert(module, attrs, opts)
+        path = paths[id(module)][0]
+        rows, new = _convert(module, f"{path}." if path else "", attrs, opts)
         summary.layers.extend(rows)
         if new is not None:
             model = _replace(model, paths[id(module)], new)
