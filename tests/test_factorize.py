@@ -657,9 +657,12 @@ def test_attention_macs_per_block():
         def forward(self, q, k, v):
             return self.attn(q, k, value=v)[0]
 
-    _, summary = factorize(Net(), include=[nn.MultiheadAttention], example_inputs=(q, kv, v))
+    include = [nn.MultiheadAttention, nn.Linear]
+    _, summary = factorize(Net(), include=include, example_inputs=(q, kv, v))
     macs = [(row.macs_before, row.macs_after) for row in summary.layers]
-    assert macs == [(16 * 16 * 10, 2 * 32 * 10), (16 * 6 * 14, 3 * 22 * 14), (16 * 10 * 14,) * 2]
+    # q, k, v blocks (v full rank: dense), then out_proj (never called: as many rows as q)
+    q_, k_, v_ = (16 * 16 * 10, 2 * 32 * 10), (16 * 6 * 14, 3 * 22 * 14), (16 * 10 * 14,) * 2
+    assert macs == [q_, k_, v_, (16 * 16 * 10,) * 2]
 
 
 def test_other_kinds_are_reported_and_kept():

@@ -24,11 +24,9 @@ _CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: Gate blocks of a recurrent layer's stacked weights, by ``nn.RNNBase.mode``.
 _GATES = {"LSTM": "ifgo", "GRU": "rzn", "RNN_TANH": "", "RNN_RELU": ""}
 _QKV = "qkv"
-#: Why recurrent layers stay dense (the summary's ``reason``).
-RECURRENT_REASON = (
-    "recurrent layers stay dense: the fused RNN/LSTM/GRU kernel takes dense weights, and a "
-    "factorized recurrence would need a per-time-step Python loop"
-)
+#: Why recurrent layers stay dense (the summary's ``reason``): their fused kernels take dense
+#: weights, and a factorized recurrence would need a Python loop over time steps.
+RECURRENT_REASON = "recurrent layers stay dense (fused kernel)"
 _UNKNOWN_REASON = (
     "not a weight of a kind factorize knows (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
     "transformers Conv1D, MultiheadAttention)"
@@ -333,6 +331,9 @@ def _record_positions(
             h.remove()
         for m, mode in modes:
             m.training = mode
+    for m in modules:  # nn.MultiheadAttention applies out_proj's weight without calling it
+        if isinstance(m, nn.MultiheadAttention) and id(m) in counts:
+            counts.setdefault(id(m.out_proj), (counts[id(m)][0],) * 2)
     return counts
 
 
