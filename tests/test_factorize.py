@@ -448,7 +448,7 @@ def test_transformers_conv1d_factorized():
     fact, summary = factorize(nn.Sequential(layer), include=[Conv1D])
     row = summary.layers[0]
     assert (row.kind, row.shape, row.rank, row.split) == ("Conv1D", (24, 16), 3, "linear")
-    assert isinstance(fact[0], Factorized) and fact[0].transposed
+    assert isinstance(fact[0], Factorized) and fact[0].weight_in_out
     assert (fact[0].nf, fact[0].nx) == (24, 16)
     assert_same_outputs(layer, fact[0], torch.randn(2, 5, 16), 1e-5)
 
@@ -478,7 +478,7 @@ def test_weight_is_the_dense_product_read_only_and_not_a_parameter():
         assert torch.allclose(W, dense.weight, atol=1e-5)
         assert all(W is not p for p in fact.parameters())
         assert fact.bias is fact.second.bias and torch.equal(fact.bias, dense.bias)
-        for attr in ("in_features", "out_features", "in_channels", "kernel_size", "stride"):
+        for attr in ("in_features", "in_channels", "kernel_size", "stride", "transposed"):
             assert getattr(fact, attr, None) == getattr(dense, attr, None)
         with pytest.raises(AttributeError, match="change first.weight / second.weight"):
             fact.weight = dense.weight.detach()

@@ -57,7 +57,7 @@ class _Unit:
     bias: Tensor | None
     attr: str = "weight"
     slots: tuple[int, int] = (0, 1)
-    transposed: bool = False  # transformers' Conv1D: weight stored in x out
+    weight_in_out: bool = False  # transformers' Conv1D: weight stored in x out
     shape_attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -198,7 +198,7 @@ def _build(unit: _Unit, plan: _Plan) -> Factorized:
     for layer in (first, second):
         layer.weight.requires_grad_(W.requires_grad)
     new = Factorized(
-        first, second, r, plan.split, transposed=unit.transposed, shape_attrs=unit.shape_attrs
+        first, second, r, plan.split, weight_in_out=unit.weight_in_out, shape_attrs=unit.shape_attrs
     )
     return new.train(unit.module.training)
 
@@ -237,7 +237,7 @@ def _layer_unit(module: nn.Module, name: str) -> _Unit | None:
             "linear",
             module.weight.T,
             module.bias,
-            transposed=True,
+            weight_in_out=True,
             shape_attrs=_shape_attrs(module),
         )
     else:

@@ -34,6 +34,7 @@ SHAPE_ATTRS = (
     "padding",
     "dilation",
     "output_padding",
+    "transposed",
     "groups",
     "padding_mode",
     "nf",
@@ -57,7 +58,7 @@ class Factorized(nn.Module):
     other layer).
 
     ``weight`` is the dense weight ``W`` the pair computes, in the dense layer's layout
-    (``out x in`` for a Linear; ``in x out`` when ``transposed``, as transformers' ``Conv1D``
+    (``out x in`` for a Linear; ``in x out`` when ``weight_in_out``, as transformers' ``Conv1D``
     stores it; the kernel layout of the convolution), recomputed from the factors on every access
     (gradients flow to the factors); ``bias`` is ``second.bias``.
     """
@@ -69,7 +70,7 @@ class Factorized(nn.Module):
         rank: int,
         split: str,
         *,
-        transposed: bool = False,
+        weight_in_out: bool = False,
         shape_attrs: dict[str, object] | None = None,
     ) -> None:
         super().__init__()
@@ -77,7 +78,7 @@ class Factorized(nn.Module):
         self.second = second
         self.rank = rank
         self.split = split
-        self.transposed = transposed
+        self.weight_in_out = weight_in_out
         for key, value in (shape_attrs or {}).items():
             setattr(self, key, value)
 
@@ -90,7 +91,7 @@ class Factorized(nn.Module):
         F_, S = self.first.weight, self.second.weight
         if isinstance(self.first, nn.Linear):
             W = S @ F_
-            return W.T if self.transposed else W
+            return W.T if self.weight_in_out else W
         g = self.first.groups
         k = _kernel(self.first, self.second)
         if self.first.transposed:  # (in, r, K1) and (g r, out_g, K2) -> (in, out_g, k)
