@@ -43,7 +43,9 @@ _current = ["<collection>"]
 def _wrapping(cls: type, lam: float):
     def make(params, *args, **kwargs):
         base = cls(params, *args, **kwargs)
-        flat = [p for group in base.param_groups for p in group["params"]]
+        # each tensor once, as model.named_parameters() gives them (a base optimizer accepts
+        # a repeated parameter with a warning; ProxRank refuses named duplicates)
+        flat = list({id(p): p for group in base.param_groups for p in group["params"]}.values())
         counts = _built.setdefault(_current[0], Counter())
         try:
             opt = proxrank.ProxRank(base, [(f"p{i}", p) for i, p in enumerate(flat)], lam=lam)
