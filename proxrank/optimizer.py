@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -337,12 +338,13 @@ class ProxRank(Optimizer):
                 position.setdefault(id(p), len(position))
                 group_of.setdefault(id(p), gi)
         chosen = [t for t in self._candidates if id(t.param) in position]
-        if not chosen:
-            raise ValueError(
-                "no weight matrix to apply the prox to: none of the selected parameters "
-                f"({len(self._candidates)} found in model_or_named_params) is trained by the "
-                "optimizer; check include/exclude and that the optimizer holds the model's "
-                "parameters"
+        if not chosen and not self._records:
+            warnings.warn(
+                "proxrank: no weight matrix to apply the prox to: none of the selected "
+                f"parameters ({len(self._candidates)} found in model_or_named_params) is trained "
+                "by the optimizer, so this ProxRank steps as its base optimizer alone; check "
+                "include/exclude and that the optimizer holds the model's parameters",
+                stacklevel=3,
             )
         chosen.sort(key=lambda t: position[id(t.param)])  # stable: blocks keep their order
         old = {r.name: r for r in self._records}
