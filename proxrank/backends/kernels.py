@@ -220,9 +220,9 @@ def subspace_part(
     norm2: Tensor,
     power: int,
 ) -> Part:
-    """One Rayleigh-Ritz round from ``Q`` (``(b, m, k)``, any spanning set; zero or
-    non-finite columns are dropped): orthonormalise, take the Ritz triplets of ``Q^T Y``,
-    certify. ``G U diag(1/lambda)`` (one block power step, columns rescaled to about unit
+    """One Rayleigh-Ritz round from ``Q`` (``(b, m, k)``, any spanning set; non-finite
+    entries are zeroed, zero columns are allowed): orthonormalise, take the Ritz triplets of
+    ``Q^T Y``, certify. ``G U diag(1/lambda)`` (one block power step, columns rescaled to about unit
     norm) seeds the next round or the next step's basis.
 
     ``YO = Y Omega`` holds the ``r`` Gaussian probes of the tail bound. Their first power step
