@@ -134,7 +134,9 @@ def check_call(backend, Y: torch.Tensor, cut: torch.Tensor, states, min_rank: in
         S_new = (res.S.double() - cut.double().unsqueeze(-1)).clamp_min(0)
         X = reconstruct(res.U.double(), S_new, res.Vh.double())
         err = torch.linalg.matrix_norm(X - ref)
-        above = (S > cut.double().unsqueeze(-1) * (1 + 1e-5) + 1e-5 * norms.unsqueeze(-1)).sum(-1)
+        # every value above the cutoff by more than the bound is returned (Weyl)
+        margin = (res.error_bound.double() + allow).unsqueeze(-1)
+        above = (S > cut.double().unsqueeze(-1) + margin).sum(-1)
         assert bool(((res.S > cut.unsqueeze(-1)).sum(-1) >= above).all())
     else:  # the min_rank largest values
         got = res.S[..., :min_rank].double()

@@ -134,7 +134,7 @@ class CertifiedBackend(Backend):
         Q = Y.new_zeros(len(idx), Y.shape[-2], k)
         for j, b in enumerate(bases):
             Q[j, :, : b.shape[-1]] = b.to(device=Y.device, dtype=Y.dtype)
-        Q = torch.where(torch.isfinite(Q), Q, 0)
+        Q = torch.where(torch.isfinite(Q), Q, 0)  # a NaN basis from an old checkpoint
         # one block power step on this step's matrix first (the stored basis has not seen
         # the update since the last step, which alone puts the Ritz residual above tol);
         # the probes of the tail bound ride along
@@ -174,15 +174,13 @@ class CertifiedBackend(Backend):
             sub = (Ys, cs, norm2) if whole else (Ys[idx], cs[idx], norm2[idx])
             bases = [states[i]["basis"] for i in idx] if method == "subspace" else None
             pending.append(self._run(method, *sub, min_rank, idx, bases))
-        limit = self.tol * norm2.sqrt()
+        limit = (self.tol * norm2.sqrt()).to(Y.dtype)
         parts: list[Part] = []
         need: dict[int, int] = {}
         rounds: dict[int, int] = {}
         failed: set[int] = set()
         for r in range(1, self.iterations + 2):
-            ok = torch.cat(
-                [(p.bound.double() <= limit[p.idx]) | (p.method == "exact") for p in pending]
-            )
+            ok = torch.cat([(p.bound <= limit[p.idx]) | (p.method == "exact") for p in pending])
             checks = [ok.long(), *(p.need for p in pending)]
             if r == 1:
                 checks.append(torch.isfinite(norm2).long())
@@ -273,8 +271,7 @@ class CertifiedBackend(Backend):
         if not self.planner.keeps_basis:
             return out
         K = max(sizes)
-        Qn = p.next_src[..., :K]
-        Qn = torch.where(torch.isfinite(Qn), Qn, 0)
+        Qn = p.next_src[..., :K]  # finite: the input is finite and scaled
         if Qn.shape[-1] < K:  # grow: new directions at random
             extra = torch.randn(
                 (len(p.idx), m, K - Qn.shape[-1]),

@@ -107,7 +107,9 @@ def rounding(norm2: Tensor, dtype: torch.dtype, m: int, n: int) -> Tensor:
     """Probabilistic bound (``ROUNDING_LAMBDA``) on the rounding of the returned factors of
     a fast method in ``dtype``, as a Frobenius norm of their prox: ``lambda u (2 + sqrt(m) +
     sqrt(n)) ||Y||_F``: the vectors rounded to ``dtype`` (``u ||phi(S)||_F``), the products
-    of length ``m`` and ``n`` that form the right vectors and the Ritz residuals."""
+    of length ``m`` and ``n`` that form the right vectors and the Ritz residuals, and the
+    needed values below ``eps s_1`` whose right vectors are set to zero (at most
+    ``sqrt(m) eps s_1``)."""
     u = torch.finfo(dtype).eps / 2
     return ROUNDING_LAMBDA * u * (2 + math.sqrt(m) + math.sqrt(n)) * norm2.sqrt()
 
@@ -129,19 +131,13 @@ def certified_cutoff(S: Tensor, c: Tensor, min_rank: int) -> Tensor:
 
 
 def right_vectors(W: Tensor, Z: Tensor, S: Tensor, K: int) -> Tensor:
-    """``diag(1/s) W_K^T Z`` (rows for zero or negligible ``s`` are zero)."""
+    """``diag(1/s) W_K^T Z``; rows for ``s <= eps s_1`` are zero (their values, at most
+    ``sqrt(k) eps s_1`` in Frobenius norm, are within :func:`rounding`)."""
     s = S[..., :K]
-    tiny = S[..., :1] * (torch.finfo(Z.dtype).eps * max(Z.shape[-2:]))
+    tiny = S[..., :1] * torch.finfo(Z.dtype).eps
     ok = (s > tiny).unsqueeze(-1)
     rows = W[..., :K].mT @ Z
     return torch.where(ok, rows / torch.where(ok, s.unsqueeze(-1), 1), 0)
-
-
-def dropped(S: Tensor, need: Tensor, n: int) -> Tensor:
-    """Frobenius norm of the needed values that :func:`right_vectors` maps to zero rows."""
-    tiny = S[..., :1] * (torch.finfo(S.dtype).eps * n)
-    kept = torch.arange(S.shape[-1], device=S.device) < need.unsqueeze(-1)
-    return torch.where(kept & (S <= tiny), S.double().square(), 0).sum(-1).sqrt()
 
 
 def gather_or_zero(x: Tensor, pos: Tensor) -> Tensor:
@@ -182,7 +178,7 @@ def gram_part(Y: Tensor, c: Tensor, norm2: Tensor, min_rank: int, idx: list[int]
         + rounding_g
     )
     certified = ((need >= m) | (e22_sq <= level.square())) & (level >= 0)
-    total = e21 + dropped(Sy, need, n) + rounding(norm2, Y.dtype, m, n)
+    total = e21 + rounding(norm2, Y.dtype, m, n)
     bound = torch.where(certified, total, math.inf).to(Y.dtype)
     U = V.to(Y.dtype)
     return Part(idx, "gram", U, Sy, lambda K: right_vectors(U, Y, Sy, K), bound, need, U)
@@ -220,8 +216,8 @@ def subspace_part(
     norm2: Tensor,
     power: int,
 ) -> Part:
-    """One Rayleigh-Ritz round from ``Q`` (``(b, m, k)``, any spanning set; non-finite
-    entries are zeroed, zero columns are allowed): orthonormalise, take the Ritz triplets of
+    """One Rayleigh-Ritz round from ``Q`` (``(b, m, k)``, finite, any spanning set, zero
+    columns allowed): orthonormalise, take the Ritz triplets of
     ``Q^T Y``, certify. ``G U diag(1/lambda)`` (one block power step, columns rescaled to about unit
     norm) seeds the next round or the next step's basis.
 
@@ -230,7 +226,7 @@ def subspace_part(
     ``(Y^T X)^T``, and ``Y [Z^T W, Y^T X]`` gives ``G U`` and ``Y Y^T X``; each further power
     step (``power`` in all) costs two thin passes over ``Y``."""
     m, n = Y.shape[-2:]
-    Q = torch.linalg.qr(torch.where(torch.isfinite(Q), Q, 0)).Q
+    Q = torch.linalg.qr(Q).Q
     k = Q.shape[-1]
 
     def project(A: Tensor) -> Tensor:
@@ -264,12 +260,14 @@ def subspace_part(
     # certify with the first j >= need Ritz triplets, j the least with s_j^2 + tail^2 <= c^2:
     # the ones between need and j are below the cutoff (mapped to zero, not returned)
     tail = _tail_bound(Z, X, log_scale, norm2, 2 * power + 1)
-    room = torch.where(level >= 0, level.square() - tail.square(), -math.inf)
+    room = level.square() - tail.square()
+    if min_rank:  # a block narrower than min_rank (level -inf) cannot certify
+        room = torch.where(level >= 0, room, -math.inf)
     j = torch.maximum((S.double().square() > room.unsqueeze(-1)).sum(-1), need)
     kept = torch.arange(k, device=Y.device) < j.unsqueeze(-1)
     col = res / S.clamp_min(torch.finfo(Y.dtype).tiny)
     e21 = torch.where(kept, col.square(), 0).sum(-1).sqrt()
-    total = e21.double() + dropped(S, need, n) + rounding(norm2, Y.dtype, m, n)
+    total = e21.double() + rounding(norm2, Y.dtype, m, n)
     certified = gather_or_zero(S, j).double().square() <= room
     bound = torch.where(certified, total, math.inf).to(Y.dtype)
     floor = (lam[..., :1] * torch.finfo(Y.dtype).eps).clamp_min(torch.finfo(Y.dtype).tiny)
