@@ -162,11 +162,17 @@ class CertifiedBackend(Backend):
                 )
         plan = [self.planner.plan(st, m, n) for st in states]
         # exact power-of-two scaling to a largest entry in [0.5, 1): no square overflows
-        _, expo = torch.frexp(Yb.abs().amax((-2, -1)))
-        scale = torch.ldexp(torch.ones_like(c), -expo)
-        Ys = Yb * scale[:, None, None]
-        cs = c * scale
-        norm2 = frobenius2(Ys)
+        # (an all-exact plan needs neither scaling nor norms: LAPACK scales itself and
+        # reports non-finite input, and the exact SVD needs no certificate nor retry)
+        exact_only = all(p == "exact" for p in plan)
+        if exact_only:
+            scale, Ys, cs = torch.ones_like(c), Yb, c
+            norm2 = torch.zeros(B, dtype=torch.float64, device=Y.device)
+        else:
+            _, expo = torch.frexp(torch.maximum(Yb.amax((-2, -1)), -Yb.amin((-2, -1))))
+            scale = torch.ldexp(torch.ones_like(c), -expo)
+            Ys, cs = Yb * scale[:, None, None], c * scale
+            norm2 = frobenius2(Ys)
         pending = []
         for method in dict.fromkeys(plan):
             idx = [i for i, p in enumerate(plan) if p == method]
@@ -182,10 +188,10 @@ class CertifiedBackend(Backend):
         for r in range(1, self.iterations + 2):
             ok = torch.cat([(p.bound <= limit[p.idx]) | (p.method == "exact") for p in pending])
             checks = [ok.long(), *(p.need for p in pending)]
-            if r == 1:
+            if r == 1 and not exact_only:
                 checks.append(torch.isfinite(norm2).long())
             flags = torch.cat(checks).tolist()  # one sync
-            if r == 1 and not all(flags[-B:]):
+            if r == 1 and not exact_only and not all(flags[-B:]):
                 bad = flags[-B:].index(0)
                 raise BackendError(
                     f"matrix {bad} of the batch has non-finite entries; the prox needs finite "
