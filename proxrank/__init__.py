@@ -7,7 +7,7 @@ that pushes each weight matrix toward low rank (singular value thresholding)::
     opt = proxrank.ProxRank(opt, model, lam=1e-3)
 """
 
-from . import functional
+from . import functional, recovery
 from .backends import (
     AutoBackend,
     Backend,
@@ -85,6 +85,7 @@ __all__ = [
     "compress",
     "factorize",
     "functional",
+    "recovery",
     "select_targets",
     "weighted_prox",
     "weighted_truncate",
