@@ -51,6 +51,7 @@ LAYER_LAM = 0.5 * INIT_SCALE ** (DEPTH - 1)
 DECAY, FLOOR = 0.98, 0.1
 GAP = "sigma_2r+1/sigma_1"
 OUTSIDE = "energy outside top 2r"
+REGIME_CAP = 10_000
 METHODS = ("original", "spectral", "compressed random", "ProxRank matrix", "ProxRank layers")
 
 
@@ -91,8 +92,22 @@ def settings(quick: bool) -> list[Setting]:
                 lambda s: Completion.random(100, 100, 5, 0.3, seed=s), 5, 0.2,
                 lambda p: p.fraction, 1500),
         Setting("sensing", "sensing d=100, r=5, 2000 Gaussian measurements",
-                lambda s: Sensing.random(100, 100, 5, 2000, seed=s), 5, 0.2, sensing_lr, 1200),
+                lambda s: Sensing.random(100, 100, 5, 2000, seed=s), 5, 0.2, sensing_lr, 1000),
     ]  # fmt: skip
+
+
+def regimes(quick: bool) -> list[tuple[str, Callable[[], Problem], int, float]]:
+    """Where does the spectral network's speed-up come from? (label, problem, rank, init)."""
+    if quick:
+        return [("completion d=40, init 3e-2", lambda: Completion.random(40, 40, 2, 0.4), 2, 3e-2)]
+    comp100 = lambda: Completion.random(100, 100, 5, 0.3)  # noqa: E731
+    return [
+        ("completion d=100, init 3e-2", comp100, 5, 3e-2),
+        ("completion d=100, init 1e-2", comp100, 5, 1e-2),
+        ("completion d=100, init 1e-3", comp100, 5, 1e-3),
+        ("completion d=200, init 1e-2", lambda: Completion.random(200, 200, 5, 0.3), 5, 1e-2),
+        ("factorization d=200, init 1e-2", lambda: Factorization.random(200, 200, 5), 5, 1e-2),
+    ]
 
 
 @dataclass
@@ -102,6 +117,9 @@ class Trace:
 
     errors: list[float]
     times: list[float]
+
+    def ms_per_iter(self) -> float:
+        return 1e3 * self.times[-1] / max(len(self.times) - 1, 1)
 
     def reach(self, tol: float = TOL) -> tuple[int | None, float | None]:
         for t, e in enumerate(self.errors):
@@ -115,9 +133,10 @@ def run(
     problem: Problem,
     iters: int,
     observe: Callable[[int], None] | None = None,
+    stop: float = 0.0,
 ) -> Trace:
-    """Call ``step`` (one training step, returning the iterate it started from) ``iters`` times;
-    only ``step`` is timed."""
+    """Call ``step`` (one training step, returning the iterate it started from) ``iters`` times,
+    or until the error is at most ``stop``; only ``step`` is timed."""
     errors, times, elapsed = [], [], 0.0
     for t in range(iters):
         if observe is not None:
@@ -127,7 +146,7 @@ def run(
         times.append(elapsed)
         elapsed += time.perf_counter() - start
         errors.append(problem.error(X))
-        if not errors[-1] < 1e3:  # diverged
+        if not stop < errors[-1] < 1e3:  # reached, or diverged
             break
     return Trace(errors, times)
 
@@ -215,6 +234,34 @@ def one_seed(setting: Setting, seed: int, subspace: dict | None) -> dict[str, Tr
     return traces
 
 
+def regime(label: str, problem: Problem, rank: int, init_scale: float) -> dict:
+    """Original vs spectral network on one instance (seed 0), each run until error 1e-3."""
+    m, n = problem.shape
+    out = {}
+    nets = {
+        "original": DeepLinear(m, n, DEPTH, min(m, n), init_scale, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(1000)),
+        "spectral": DeepLinear.spectral(problem.surrogate(), rank, DEPTH, init_scale),
+    }  # fmt: skip
+    for name, net in nets.items():
+        opt = torch.optim.SGD(net.parameters(), lr=0.2)
+        trace = run(network_step(net, problem, opt), problem, REGIME_CAP, stop=TOL)
+        it, sec = trace.reach()
+        out[name] = {"iters_to_tol": it, "seconds_to_tol": sec, "ms_per_iter": trace.ms_per_iter(),
+                     "last_error": trace.errors[-1]}  # fmt: skip
+    o, s = out["original"], out["spectral"]
+    if None not in (o["iters_to_tol"], s["iters_to_tol"]):
+        out["iterations ratio"] = s["iters_to_tol"] / o["iters_to_tol"]
+        out["time ratio"] = s["seconds_to_tol"] / o["seconds_to_tol"]
+        print(f"| {label} | {o['iters_to_tol']} / {s['iters_to_tol']} | "
+              f"{out['iterations ratio']:.2f} | {o['ms_per_iter']:.2f} / {s['ms_per_iter']:.2f} | "
+              f"{out['time ratio']:.2f} | {1 / out['time ratio']:.1f}x |")  # fmt: skip
+    else:
+        print(f"| {label} | not reached in {REGIME_CAP} iterations (last errors "
+              f"{o['last_error']:.1e} / {s['last_error']:.1e}) | | | | |")  # fmt: skip
+    return out
+
+
 def spread(values: list[float | None]) -> dict:
     """Median and range over seeds (None: a seed that did not reach; then no median)."""
     if any(v is None for v in values):
@@ -234,7 +281,7 @@ def summarise(traces: list[dict[str, Trace]]) -> dict:
             "iters_to_tol": spread([it for it, _ in reach]),
             "seconds_to_tol": spread([s for _, s in reach]),
             "final_error": spread([tr.errors[-1] for tr in runs]),
-            "ms_per_iter": spread([1e3 * tr.times[-1] / (len(tr.times) - 1) for tr in runs]),
+            "ms_per_iter": spread([tr.ms_per_iter() for tr in runs]),
         }
     return out
 
@@ -407,6 +454,11 @@ def main() -> None:
             "curves": {m: {"errors": median_curve([t[m].errors for t in traces])[::10]}
                        for m in METHODS},
         }  # fmt: skip
+    print("\n## Regimes (seed 0, lr 0.2, original vs spectral, each run until 1e-3)\n\n"
+          "| instance | iterations to 1e-3 (original / spectral) | ratio | ms / iteration "
+          "(original / spectral) | time ratio | speed-up |\n|---|---|---|---|---|---|")
+    result["regimes"] = {label: regime(label, draw(), rank, scale)
+                         for label, draw, rank, scale in regimes(args.quick)}  # fmt: skip
     png = out.with_name(f"{out.stem}_subspace.png")
     plot_subspace(snaps_all, ranks, png)
     result["seconds"] = time.perf_counter() - started
