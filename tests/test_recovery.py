@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,15 @@ import proxrank
 from proxrank.recovery import Completion, DeepLinear, Factorization, Sensing, relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """Small float64 products: one thread avoids oversubscribing a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def train(net: DeepLinear, problem, lr: float, iters: int, tol: float = 0.0) -> list[float]:
@@ -156,7 +167,7 @@ def test_fresh_compress_keeps_its_own_subspaces():
 
 
 @pytest.mark.parametrize("spectral", [True, False])
-def test_factorization_recovers_a_low_rank_target(spectral):
+def test_factorization_recovers_a_low_rank_target(spectral, one_thread):
     """Gradient descent recovers X* up to the O(init_scale^depth) residue of the initialisation
     (directions the target does not pull on keep their init size)."""
     problem = Factorization.random(12, 10, 2, seed=0)
@@ -172,7 +183,7 @@ def test_factorization_recovers_a_low_rank_target(spectral):
     torch.testing.assert_close(s[:2], torch.linalg.svdvals(problem.target)[:2], rtol=1e-5, atol=0)
 
 
-def test_spectral_beats_original_and_random_on_completion():
+def test_spectral_beats_original_and_random_on_completion(one_thread):
     """The issue's check: d = 100, rank 5, 30% observed, depth 3, init 1e-2, float64, the same
     step: spectral reaches 1e-3 in fewer iterations than width 100 and than random width 2r."""
     problem = Completion.random(100, 100, 5, 0.3, seed=0)
@@ -378,3 +389,16 @@ def test_benchmark_quick_mode(tmp_path):
         assert problem["summary"]["ProxRank matrix"]["final_error"]["median"] < 1e-10
     assert (tmp_path / "recovery_subspace.png").exists()
     assert "spectral / original" in proc.stdout
+
+
+def test_readme_recovery_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+              if b.startswith("import proxrank\nimport torch\n")]  # fmt: skip
+    assert len(blocks) == 1
+    out = subprocess.run(
+        [sys.executable, "-c", blocks[0]], capture_output=True, text=True, check=True,
+        timeout=300, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    errors = [float(e) for e in re.findall(r"error ([0-9.e+-]+)", out.stdout)]
+    assert len(errors) == 2 and errors[0] < 1e-3 and errors[1] < 1e-3
