@@ -354,18 +354,20 @@ def plot_subspace(snaps: dict[str, dict], ranks: dict[str, int], path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(snaps), figsize=(5 * len(snaps), 3.8), squeeze=False)
+    styles = ("-", "--", ":")
     for ax, (name, by_t) in zip(axes[0], snaps.items(), strict=True):
-        for t, layers in sorted(by_t.items()):
+        for k, (t, layers) in enumerate(sorted(by_t.items())):
             for i, s in enumerate(layers):
-                ax.semilogy(range(1, len(s) + 1), [max(v, 1e-18) for v in s],
-                            lw=0.9, label=f"t={t}, W_{i + 1}")  # fmt: skip
-        ax.axvline(2 * ranks[name], color="black", ls=":", label="2r")
+                label = f"t={t}" if i == 0 else None
+                ax.semilogy(range(1, len(s) + 1), [max(v, 1e-18) for v in s], color=f"C{k}",
+                            ls=styles[i % 3], lw=0.9, label=label)  # fmt: skip
+        ax.axvline(2 * ranks[name], color="black", lw=0.8, label="2r")
         ax.set_xlim(0, 6 * ranks[name])
-        ax.set_xlabel("index i")
+        ax.set_xlabel("index i (solid W_1, dashed W_2, dotted W_3)")
         ax.set_ylabel("singular value of W_l(t) - W_l(0)")
-        ax.set_title(f"{name} (original network)")
+        ax.set_title(f"{name} (original network, seed 0)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -271,6 +271,7 @@ class DeepLinear(nn.Module):
         init_scale: float = 1e-2,
         *,
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -288,7 +289,8 @@ class DeepLinear(nn.Module):
         self.init_scale = float(init_scale)
         sides = [n] + [width] * (depth - 1) + [m]
         self.layers = nn.ModuleList(
-            nn.Linear(sides[i], sides[i + 1], bias=False, dtype=dtype) for i in range(depth)
+            nn.Linear(sides[i], sides[i + 1], bias=False, dtype=dtype, device=device)
+            for i in range(depth)
         )
         with torch.no_grad():
             for layer in self.layers:
@@ -316,7 +318,7 @@ class DeepLinear(nn.Module):
         ``surrogate`` (``m x n``): ``W_1 = init_scale V_hat^T``, ``W_l = init_scale I`` in the
         middle, ``W_L = init_scale U_hat``; so the end-to-end matrix starts at
         ``init_scale^depth U_hat V_hat^T``, the orthogonal (polar) factor of the surrogate's best
-        rank-``2 rank`` approximation. Dtype from ``surrogate``.
+        rank-``2 rank`` approximation. Dtype and device from ``surrogate``.
         """
         _check_matrix(surrogate, "surrogate")
         m, n = surrogate.shape
@@ -326,13 +328,14 @@ class DeepLinear(nn.Module):
                 f"width 2 * rank = {width} exceeds min(m, n) = {min(m, n)}: there are not 2 * rank "
                 f"singular vectors; choose rank <= {min(m, n) // 2}"
             )
-        net = cls(m, n, depth, width, init_scale, dtype=surrogate.dtype)
+        net = cls(m, n, depth, width, init_scale, dtype=surrogate.dtype, device=surrogate.device)
         U, _, Vh = torch.linalg.svd(surrogate.detach(), full_matrices=False)
         s = net.init_scale
         with torch.no_grad():
             net.layers[0].weight.copy_(s * Vh[:width])
+            eye = torch.eye(width, dtype=surrogate.dtype, device=surrogate.device)
             for layer in net.layers[1:-1]:
-                layer.weight.copy_(s * torch.eye(width, dtype=surrogate.dtype))
+                layer.weight.copy_(s * eye)
             net.layers[-1].weight.copy_(s * U[:, :width])
         return net
 

@@ -391,6 +391,7 @@ def test_benchmark_quick_mode(tmp_path):
     assert "spectral / original" in proc.stdout
 
 
+@pytest.mark.slow
 def test_readme_recovery_example_runs():
     readme = (ROOT / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
