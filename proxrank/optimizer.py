@@ -131,8 +131,9 @@ class ProxRank(Optimizer):
 
     Every step is atomic: each error it can raise (bad options, non-finite weights, gradients or
     statistics, a failed decomposition) is raised before any weight or state changes and names
-    the weight. Errors that only the base step can reveal (its output is not finite; with a
-    ``closure``, the gradients) are raised after the base step, before the prox changes anything.
+    the weight. Errors that only the base step can reveal (a failed decomposition; with a
+    ``closure``, non-finite gradients) are raised after the base step, before the prox changes
+    anything; a weight the base step left inf/NaN gets no prox and a warning.
 
     Args:
         optimizer: the base optimizer, already constructed over the model's parameters.
@@ -423,7 +424,7 @@ class ProxRank(Optimizer):
         if work is None:  # with a closure the gradients exist only now
             work = self._prepare(True, grad_scale)
         if self.check_finite:
-            self._raise_if_nonfinite(work.jobs, grads=False, when="after the base optimizer's step")
+            work.jobs = self._without_nonfinite(work.jobs)
         outcomes = self._compute(work.jobs)
         self._commit(work, outcomes)
         if self.tracker is not None:
@@ -553,6 +554,30 @@ class ProxRank(Optimizer):
                 "rate, clip gradients, or use torch.amp.GradScaler (which skips steps with "
                 "inf/NaN gradients); pass check_finite=False to skip this check"
             )
+
+    def _without_nonfinite(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs whose weight the base step left finite (one synchronisation); the prox
+        leaves the others as the base step left them, with a warning naming them, as a bare
+        optimizer would (the base step cannot be undone, and its inf/NaN is not thresholded)."""
+        if not jobs:
+            return jobs
+        reads = [self._records[j.index].target for j in jobs]
+        finite = torch.stack(
+            [
+                torch.isfinite(t.view.read(t.param.detach())).all().to(reads[0].param.device)
+                for t in reads
+            ]
+        ).tolist()
+        if all(finite):
+            return jobs
+        bad = [t.name for t, ok in zip(reads, finite, strict=True) if not ok]
+        warnings.warn(
+            f"proxrank: the base optimizer's step left {', '.join(map(repr, bad))} not finite; "
+            "no prox was applied to it (lower the learning rate or clip gradients)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return [j for j, ok in zip(jobs, finite, strict=True) if ok]
 
     @torch.no_grad()
     def _compute(self, jobs: list[_Job]) -> list[_Outcome]:
