@@ -95,15 +95,13 @@ def _check_lam(value: Any, where: str) -> float:
     return float(value)
 
 
-def _nonfinite(tensors: list[Tensor]) -> int | None:
-    """Index of the first tensor holding inf/NaN (one host synchronisation), or ``None``."""
+def _finite(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor (a sparse one: its values) is free of inf/NaN; one synchronisation."""
     if not tensors:
-        return None
+        return []
     values = [t.coalesce().values() if t.is_sparse else t for t in tensors]
-    finite = torch.stack([torch.isfinite(v).all().to(values[0].device) for v in values])
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0])
+    device = values[0].device
+    return torch.stack([torch.isfinite(v).all().to(device) for v in values]).tolist()
 
 
 class ProxRank(Optimizer):
@@ -469,9 +467,12 @@ class ProxRank(Optimizer):
                 if not rec.matches():
                     work.fresh.add(i)
         active = [i for i in seen if options[self._group_index[i]].lam > 0]
-        if self.check_finite:
-            when = "after the base optimizer's step" if after_base else "before the step"
-            self._raise_if_nonfinite(active, grads=True, when=f"{when} (nothing was changed)")
+        if self.check_finite and not after_base:
+            self._raise_if_nonfinite(active)
+        elif self.check_finite:  # the base step has used them: as a bare optimizer, go on
+            bad = set(self._nonfinite(active, grads=True))
+            seen = [i for i in seen if i not in bad]
+            active = [i for i in active if i not in bad]
         states = [self._current(i, "metric", work) for i in range(len(self._records))]
         for i in seen:
             metric = options[self._group_index[i]].metric
@@ -535,49 +536,51 @@ class ProxRank(Optimizer):
                     f"weight {rec.name!r}: {message} (seen in a forward pass; nothing was changed)"
                 )
 
-    def _raise_if_nonfinite(self, jobs: list[_Job] | list[int], grads: bool, when: str) -> None:
-        """Raise when a weight (and, with ``grads``, a gradient) that gets the prox is not
-        finite."""
-        tensors, labels = [], []
-        for item in jobs:
-            t = self._records[item.index if isinstance(item, _Job) else item].target
+    def _nonfinite(self, indices: list[int], grads: bool) -> list[int]:
+        """The matrices among ``indices`` whose weight (or, with ``grads``, gradient) holds
+        inf/NaN (one synchronisation)."""
+        tensors, owner = [], []
+        for i in indices:
+            t = self._records[i].target
             tensors.append(t.view.read(t.param.detach()))
-            labels.append(f"weight {t.name!r}")
-            if grads and t.param.grad is not None:
-                g = t.param.grad
+            owner.append(i)
+            g = t.param.grad
+            if grads and g is not None:
                 tensors.append(g if g.is_sparse else t.view.read(g))
-                labels.append(f"gradient of {t.name!r}")
-        bad = _nonfinite(tensors)
-        if bad is not None:
+                owner.append(i)
+        return list(
+            dict.fromkeys(i for i, ok in zip(owner, _finite(tensors), strict=True) if not ok)
+        )
+
+    def _raise_if_nonfinite(self, indices: list[int]) -> None:
+        """Before the step: raise when a weight or gradient that gets the prox is not finite."""
+        for i in self._nonfinite(indices, grads=True):
+            t = self._records[i].target
+            what = (
+                "weight" if _finite([t.view.read(t.param.detach())]) == [False] else "gradient of"
+            )
             raise FloatingPointError(
-                f"the {labels[bad]} is not finite {when}; no prox was applied. Lower the learning "
-                "rate, clip gradients, or use torch.amp.GradScaler (which skips steps with "
-                "inf/NaN gradients); pass check_finite=False to skip this check"
+                f"the {what} {t.name!r} is not finite before the step (nothing was changed); no "
+                "prox was applied. Lower the learning rate, clip gradients, or use "
+                "torch.amp.GradScaler (which skips steps with inf/NaN gradients); pass "
+                "check_finite=False to skip this check"
             )
 
     def _without_nonfinite(self, jobs: list[_Job]) -> list[_Job]:
-        """The jobs whose weight the base step left finite (one synchronisation); the prox
-        leaves the others as the base step left them, with a warning naming them, as a bare
-        optimizer would (the base step cannot be undone, and its inf/NaN is not thresholded)."""
-        if not jobs:
+        """The jobs whose weight the base step left finite; the prox leaves the others as the
+        base step left them, as a bare optimizer would (the base step cannot be undone), and a
+        warning names them."""
+        bad = set(self._nonfinite([j.index for j in jobs], grads=False))
+        if not bad:
             return jobs
-        reads = [self._records[j.index].target for j in jobs]
-        finite = torch.stack(
-            [
-                torch.isfinite(t.view.read(t.param.detach())).all().to(reads[0].param.device)
-                for t in reads
-            ]
-        ).tolist()
-        if all(finite):
-            return jobs
-        bad = [t.name for t, ok in zip(reads, finite, strict=True) if not ok]
+        names = ", ".join(repr(self._records[i].name) for i in sorted(bad))
         warnings.warn(
-            f"proxrank: the base optimizer's step left {', '.join(map(repr, bad))} not finite; "
-            "no prox was applied to it (lower the learning rate or clip gradients)",
+            f"proxrank: the base optimizer's step left {names} not finite; no prox was applied "
+            "to it (lower the learning rate or clip gradients)",
             RuntimeWarning,
             stacklevel=3,
         )
-        return [j for j, ok in zip(jobs, finite, strict=True) if ok]
+        return [j for j in jobs if j.index not in bad]
 
     @torch.no_grad()
     def _compute(self, jobs: list[_Job]) -> list[_Outcome]:
