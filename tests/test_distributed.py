@@ -8,6 +8,7 @@ and kills them. The references are single-process runs of the same global batch.
 from __future__ import annotations
 
 import copy
+import io
 import multiprocessing
 import queue
 import socket
@@ -128,7 +129,7 @@ def _ddp(rank: int, tmp: Path) -> dict[str, Any]:
         )
         return model, ddp, opt
 
-    model, ddp, opt = build(Counting())
+    model, ddp, opt = build(Counting("subspace"))
     out["engine"] = opt.distributed is not None
     _train(ddp, opt, local[:3])
     if rank == 0:  # a plain state_dict on rank 0
@@ -138,13 +139,16 @@ def _ddp(rank: int, tmp: Path) -> dict[str, Any]:
     out["weights"] = _weights(model)
     out["count"] = opt.backend.count
     out["owned"] = opt.distributed.traffic.matrices
+    buf = io.BytesIO()
+    torch.save(opt.backend.state_dict(), buf)
+    out["generators"] = buf.getvalue()
     out["report"] = opt.report()
     out["bases"] = [
         np.asarray(m.backend_state["basis"]) if "basis" in m.backend_state else None
         for m in opt.matrices()
     ]
 
-    model2, ddp2, opt2 = build(Counting())
+    model2, ddp2, opt2 = build(Counting("subspace"))
     saved = torch.load(tmp / "ddp.pt", weights_only=False)
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
@@ -294,10 +298,11 @@ def test_ddp_shares_the_prox_and_matches_one_process(tmp_path):
     # ranks bit-identical: weights, warm bases, diagnostics
     assert _same(r0["weights"], r1["weights"])
     assert r0["report"] == r1["report"]
+    assert r0["generators"] == r1["generators"]  # the fast backends' probes: rank 0's
     for a, b in zip(r0["bases"], r1["bases"], strict=True):
         assert (a is None and b is None) or np.array_equal(a, b)
     # the same as one process on the global batch
-    _close(r0["weights"], _reference(5))
+    _close(r0["weights"], _reference(5, backend="subspace"))
     # each rank proxes its share: 4 matrices a step, 5 steps
     assert r0["count"] + r1["count"] == 4 * 5
     assert max(r0["count"], r1["count"]) < 4 * 5
