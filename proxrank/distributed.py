@@ -182,6 +182,10 @@ class Engine:
         self._scatters: list[tuple[int, list[Tensor]]] = []
         self._full: dict[int, Tensor] = {}
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Engine:
+        """A copy on the same process group (groups are not copied)."""
+        return type(self)(self.group, self.sharded, self.device)
+
     @classmethod
     def detect(
         cls, targets: Sequence[Target], option: bool | None, *, tracked: bool, budget: bool
@@ -191,9 +195,14 @@ class Engine:
         with ``option=False``. ``option=True`` requires one."""
         if option is not None and not isinstance(option, bool):
             raise TypeError(f"distributed must be None, True or False, got {option!r}")
-        if option is False:
-            return None
         sharded = [t for t in targets if is_sharded(t.param)]
+        if option is False:
+            if sharded:
+                raise ValueError(
+                    f"weight {sharded[0].name!r} is sharded (a DTensor): its prox needs the "
+                    "distributed engine; leave distributed=None"
+                )
+            return None
         if sharded:
             return cls._sharded(targets, sharded, tracked=tracked, budget=budget)
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -297,6 +306,9 @@ class Engine:
         (job indices) is run by ``run(members, full)`` on the members this rank owns, ``full``
         mapping ``id(param)`` to the gathered parameter (sharded) ; each outcome is reduced to
         ``outcome.shared(weights, inputs)`` and sent to every rank."""
+        if not targets:  # the same on every rank: nothing to exchange
+            self.traffic = Traffic()
+            return []
         owners = self.owners(targets)
         mine = [j for j, o in enumerate(owners) if o == self.rank]
         sent = received = 0

@@ -222,6 +222,16 @@ def _fsdp(rank: int, tmp: Path) -> dict[str, Any]:
     _train(model2, opt2, local[3:])
     out["resumed"] = _weights(model2)
     out["resumed_step_count"] = opt2.step_count
+
+    # input statistics averaged across ranks, weighting applied on the owner's full matrix
+    model3 = _mlp()
+    fully_shard(model3)
+    opt3 = proxrank.ProxRank(
+        torch.optim.AdamW(model3.parameters(), lr=LR), model3, lam=LAM, metric="activation",
+        backend="exact",
+    )
+    _train(model3, opt3, local[:3])
+    out["activation"] = _weights(model3)
     return out
 
 
@@ -333,6 +343,8 @@ def test_fsdp2_shards_the_prox_and_resumes_from_a_distributed_checkpoint(tmp_pat
     assert r0["loaded_step_count"] == 3
     assert r0["resumed_step_count"] == r0["step_count"] == 5
     assert _same(r0["resumed"], r0["weights"])
+    assert _same(r0["activation"], r1["activation"])
+    _close(r0["activation"], _reference(3, metric="activation", backend="exact"))
 
 
 # -- in one process -----------------------------------------------------------------------------
@@ -358,6 +370,7 @@ def test_distributed_option():
         proxrank.ProxRank(base, model, lam=0.1, distributed=True)
     with pytest.raises(TypeError, match="distributed"):
         proxrank.ProxRank(base, model, lam=0.1, distributed="yes")
+    assert proxrank.ProxRank(base, model, lam=0.1, distributed=False).distributed is None
 
 
 def test_state_survives_get_state_dict(tmp_path):
