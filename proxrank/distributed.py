@@ -91,6 +91,10 @@ class Checkpointed:
     state: dict[str, Any]
 
 
+if hasattr(torch.serialization, "add_safe_globals"):  # torch.load(weights_only=True) accepts it
+    torch.serialization.add_safe_globals([Checkpointed])
+
+
 @dataclass(frozen=True)
 class Traffic:
     """What the last step's shared prox did on this rank: the matrices whose prox this rank

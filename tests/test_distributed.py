@@ -373,6 +373,15 @@ def test_distributed_option():
     assert proxrank.ProxRank(base, model, lam=0.1, distributed=False).distributed is None
 
 
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    model = _mlp()
+    opt = proxrank.ProxRank(torch.optim.AdamW(model.parameters(), lr=LR), model, lam=LAM)
+    _train(model, opt, _data()[:1])
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert opt.step_count == 1
+
+
 def test_state_survives_get_state_dict(tmp_path):
     """``get_state_dict`` keeps only ``state`` and ``param_groups``: proxrank's state rides in
     the first group, and ``set_state_dict`` restores it."""
