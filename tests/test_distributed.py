@@ -235,16 +235,68 @@ def _fsdp(rank: int, tmp: Path) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp}
+try:
+    import pytorch_lightning as pl
+except ImportError:  # pragma: no cover - optional
+    pl = None
+
+if pl is not None:
+
+    class LitMLP(pl.LightningModule):
+        """The MLP under Lightning; at the end of training each rank saves what it saw."""
+
+        def __init__(self, out: str) -> None:
+            super().__init__()
+            self.net = _mlp()
+            self.out = out
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return proxrank.ProxRank(
+                torch.optim.AdamW(self.parameters(), lr=LR), self, lam=LAM, backend=Counting()
+            )
+
+        def on_train_end(self):
+            opt = self.trainer.optimizers[0]
+            torch.save(
+                {
+                    "engine": opt.distributed is not None,
+                    "count": opt.backend.count,
+                    "steps": opt.step_count,
+                    "weights": [p.detach().clone() for p in self.net.parameters()],
+                },
+                Path(self.out) / f"rank{self.global_rank}.pt",
+            )
 
 
-def _worker(scenario: str, rank: int, port: int, tmp: str, results: Any) -> None:
+def _lightning(rank: int, tmp: Path) -> dict[str, Any]:
+    """One driver process: Lightning spawns two ranks itself (strategy="ddp_spawn")."""
+    X = torch.cat([X for X, _ in _data()])
+    Y = torch.cat([Y for _, Y in _data()])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=BATCH)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=WORLD, strategy="ddp_spawn", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp,
+    )
+    trainer.fit(LitMLP(str(tmp)), loader)
+    return {}
+
+
+SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "lightning": _lightning}
+
+
+def _worker(scenario: str, rank: int, world: int, port: int, tmp: str, results: Any) -> None:
     try:
         torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-            timeout=timedelta(seconds=60),
-        )
+        if world > 1:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                timeout=timedelta(seconds=60),
+            )
         results.put((rank, True, SCENARIOS[scenario](rank, Path(tmp))))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -259,25 +311,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(scenario: str, tmp: Path) -> list[dict[str, Any]]:
-    """Run a scenario on ``WORLD`` spawned ranks; each rank's result, or the first failure."""
+def _launch(scenario: str, tmp: Path, world: int = WORLD) -> list[dict[str, Any]]:
+    """Run a scenario on ``world`` spawned ranks; each rank's result, or the first failure."""
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(scenario, r, port, str(tmp), results), daemon=True)
-        for r in range(WORLD)
+        ctx.Process(target=_worker, args=(scenario, r, world, port, str(tmp), results))
+        for r in range(world)
     ]
     for p in procs:
         p.start()
     got: dict[int, Any] = {}
     deadline = time.monotonic() + TIMEOUT
     try:
-        while len(got) < WORLD:
+        while len(got) < world:
             try:
                 rank, ok, payload = results.get(timeout=max(1.0, deadline - time.monotonic()))
             except queue.Empty:
-                pytest.fail(f"{scenario}: no result from ranks {set(range(WORLD)) - set(got)} "
+                pytest.fail(f"{scenario}: no result from ranks {set(range(world)) - set(got)} "
                             f"within {TIMEOUT:.0f} s (a hung collective?)")
             if not ok:
                 pytest.fail(f"{scenario}: rank {rank} failed:\n{payload}")
@@ -288,7 +340,7 @@ def _launch(scenario: str, tmp: Path) -> list[dict[str, Any]]:
             if p.is_alive():
                 p.kill()
                 p.join()
-    return [got[r] for r in range(WORLD)]
+    return [got[r] for r in range(world)]
 
 
 def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
@@ -345,6 +397,17 @@ def test_fsdp2_shards_the_prox_and_resumes_from_a_distributed_checkpoint(tmp_pat
     assert _same(r0["resumed"], r0["weights"])
     assert _same(r0["activation"], r1["activation"])
     _close(r0["activation"], _reference(3, metric="activation", backend="exact"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(pl is None, reason="needs pytorch_lightning")
+def test_lightning_ddp_shares_the_prox(tmp_path):
+    _launch("lightning", tmp_path, world=1)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    steps = len(_data())  # 5 global batches of WORLD * BATCH, split by Lightning's sampler
+    assert r0["engine"] and r1["engine"] and r0["steps"] == r1["steps"] == steps
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"], strict=True))
+    assert r0["count"] + r1["count"] == 4 * steps and max(r0["count"], r1["count"]) < 4 * steps
 
 
 # -- in one process -----------------------------------------------------------------------------
