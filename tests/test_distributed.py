@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import multiprocessing
+import os
 import queue
 import socket
 import time
@@ -286,13 +287,70 @@ def _lightning(rank: int, tmp: Path) -> dict[str, Any]:
     return {}
 
 
-SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "lightning": _lightning}
+class _HFModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": F.mse_loss(out, labels), "logits": out}
+
+
+class _HFData(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.x = torch.cat([X for X, _ in _data()])
+        self.y = torch.cat([Y for _, Y in _data()])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def _hf(rank: int, tmp: Path) -> dict[str, Any]:
+    """The HF Trainer on ranks launched as torchrun launches them (environment variables):
+    its TrainingArguments initialise the process group, before the optimizer is built."""
+    import transformers
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp), per_device_train_batch_size=BATCH, num_train_epochs=1,
+        save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,
+        disable_tqdm=True, ddp_backend="gloo",
+    )
+    model = _HFModel()
+    opt = proxrank.ProxRank(
+        torch.optim.AdamW(model.parameters(), lr=LR), model, lam=LAM, backend=Counting()
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_HFData(), optimizers=(opt, sched)
+    )
+    trainer.train()
+    return {
+        "engine": opt.distributed is not None,
+        "count": opt.backend.count,
+        "steps": opt.step_count,
+        "weights": _weights(model),
+    }
+
+
+SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "lightning": _lightning, "hf": _hf}
+#: How a scenario's ranks join the process group: we initialise it, or the framework does
+#: (from torchrun's environment variables), or the one process is a driver spawning its own.
+LAUNCH = {"ddp": "gloo", "fsdp": "gloo", "lightning": "driver", "hf": "env"}
 
 
 def _worker(scenario: str, rank: int, world: int, port: int, tmp: str, results: Any) -> None:
     try:
         torch.set_num_threads(1)
-        if world > 1:
+        if LAUNCH[scenario] == "env":
+            os.environ.update(
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+            )
+        if LAUNCH[scenario] == "gloo":
             dist.init_process_group(
                 "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                 timeout=timedelta(seconds=60),
@@ -407,6 +465,16 @@ def test_lightning_ddp_shares_the_prox(tmp_path):
     steps = len(_data())  # 5 global batches of WORLD * BATCH, split by Lightning's sampler
     assert r0["engine"] and r1["engine"] and r0["steps"] == r1["steps"] == steps
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"], strict=True))
+    assert r0["count"] + r1["count"] == 4 * steps and max(r0["count"], r1["count"]) < 4 * steps
+
+
+@pytest.mark.slow
+def test_hf_trainer_ddp_shares_the_prox(tmp_path):
+    pytest.importorskip("transformers")
+    r0, r1 = _launch("hf", tmp_path)
+    steps = len(_data())
+    assert r0["engine"] and r1["engine"] and r0["steps"] == r1["steps"] == steps
+    assert _same(r0["weights"], r1["weights"])
     assert r0["count"] + r1["count"] == 4 * steps and max(r0["count"], r1["count"]) < 4 * steps
 
 
