@@ -275,6 +275,16 @@ class Engine:
                 out[i] = piece.reshape(meta[i][1]).to(tensors[i].device)
         return {i: _unpack(p, out) for i, p in packed.items()}
 
+    def first_error(self, message: str | None) -> str | None:
+        """The first rank's error message (prefixed with that rank), on every rank (one
+        all-gather): an error only some ranks saw must stop every rank."""
+        messages: list[str | None] = [None] * self.world
+        dist.all_gather_object(messages, message, group=self.group)
+        for r, m in enumerate(messages):
+            if m is not None:
+                return m if self.world == 1 else f"on rank {r}: {m}"
+        return None
+
     def all_ranks(self, finite: Tensor) -> Tensor:
         """Per-tensor finite flags combined over ranks (sharded: each rank checked its own
         rows; replicated: every rank checked the same tensors, nothing to combine)."""
@@ -330,7 +340,7 @@ class Engine:
                     if self.sharded:
                         targets[j].view.write(full[id(targets[j].param)], out.X)
                     results[j] = out.shared(weights=not self.sharded, inputs=keep_inputs)
-        except (RuntimeError, ValueError, FloatingPointError) as err:
+        except Exception as err:  # raised below on every rank, after the exchange
             error = err
         tensors: list[Tensor] = []
         skeleton = _pack(results, tensors)
@@ -349,7 +359,11 @@ class Engine:
                 if error is not None:
                     raise error
                 kind, message = err
-                raise kind(f"on rank {r}: {message}")
+                try:
+                    other = kind(f"on rank {r}: {message}")
+                except Exception:  # an exception type that takes other arguments
+                    other = RuntimeError(f"on rank {r}: {kind.__name__}: {message}")
+                raise other
         outcomes: list[Any] = [None] * len(targets)
         for r, (_, skel, their_meta, _) in enumerate(gathered):
             got, nbytes = self._broadcast(r, tensors if r == self.rank else None, their_meta)

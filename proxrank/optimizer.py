@@ -472,7 +472,7 @@ class ProxRank(Optimizer):
         """Settle this step without changing anything: every option, check, statistic update,
         metric weighting and schedule decision, each error naming its weight."""
         options = self._options()
-        self._raise_input_errors()
+        self._raise_input_errors(options)
         self._sync_input_hooks(options)
         work = _Work(self.step_count + 1)
         seen = []  # matrices with a gradient at this step: statistics, and the prox if lam > 0
@@ -547,13 +547,18 @@ class ProxRank(Optimizer):
             weighting = weighting.to(compute_dtype(t.param.dtype))
         return _Job(index, plan, options.lam, lr, weighting, self._current(index, "backend", work))
 
-    def _raise_input_errors(self) -> None:
+    def _raise_input_errors(self, options: list[_Options]) -> None:
+        """Raise the first input statistic a hook could not store (on every rank: inputs
+        differ per rank)."""
+        message = None
         for rec in self._records:
             if rec.input_error is not None:
-                message, rec.input_error = rec.input_error, None
-                raise FloatingPointError(
-                    f"weight {rec.name!r}: {message} (seen in a forward pass; nothing was changed)"
-                )
+                message, rec.input_error = f"weight {rec.name!r}: {rec.input_error}", None
+                break
+        if self.distributed is not None and any(o.metric.needs_inputs for o in options):
+            message = self.distributed.first_error(message)
+        if message is not None:
+            raise FloatingPointError(f"{message} (seen in a forward pass; nothing was changed)")
 
     def _raise_if_nonfinite(self, jobs: list[_Job] | list[int], grads: bool, when: str) -> None:
         """Raise when a weight (and, with ``grads``, a gradient) that gets the prox is not

@@ -179,6 +179,21 @@ def _ddp(rank: int, tmp: Path) -> dict[str, Any]:
     except RuntimeError as err:
         out["error"] = str(err)
     out["after_error"] = _weights(model3)
+
+    # an input statistic only rank 1 could not store stops both ranks
+    opt5 = proxrank.ProxRank(
+        torch.optim.SGD(ddp3.parameters(), lr=LR), ddp3, lam=LAM, metric="activation",
+        backend="exact",
+    )
+    with torch.no_grad():
+        ddp3(local[0][0] * (1e30 if rank == 1 else 1.0))  # x^T x overflows on rank 1
+    opt5.zero_grad()
+    F.mse_loss(ddp3(local[0][0]), local[0][1]).backward()
+    try:
+        opt5.step()
+        out["input_error"] = None
+    except FloatingPointError as err:
+        out["input_error"] = str(err)
     return out
 
 
@@ -437,6 +452,8 @@ def test_ddp_shares_the_prox_and_matches_one_process(tmp_path):
     assert "no convergence here" in r0["error"] and "no convergence here" in r1["error"]
     assert "on rank 1" in r0["error"]
     assert _same(r0["after_error"], r1["after_error"])
+    assert "on rank 1: weight 'module.0.weight'" in r0["input_error"]
+    assert r0["input_error"] == r1["input_error"]
 
 
 @pytest.mark.slow
