@@ -434,9 +434,10 @@ class Engine:
                             "of torch.chunk's Shard(0) split; other splits are not supported"
                         )
                 send = torch.cat([self._padded(p, p.to_local().detach()) for p in group])
-                recv = [torch.empty_like(send) for _ in range(self.world)]
+                mine = o == self.rank  # only the owner holds the full parameters
+                recv = [torch.empty_like(send) for _ in range(self.world)] if mine else None
                 dst = dist.get_global_rank(self.group, o)
-                dist.gather(send, recv if o == self.rank else None, dst=dst, group=self.group)
+                dist.gather(send, recv, dst=dst, group=self.group)
                 self._scatters.append((o, group))
                 nbytes = send.numel() * send.element_size()
                 if o != self.rank:
