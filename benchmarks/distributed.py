@@ -9,10 +9,14 @@ Per rank and step (medians over the steps after ``--warmup``):
 
 * ``matrices``: the matrices whose prox this rank computed (the backend calls' batch sizes);
 * ``svd``: time inside the backend (the decompositions: the work that is shared);
+* ``step``: the whole ``opt.step()`` (AdamW and prox);
 * ``prox``: ``opt.step()`` minus a plain AdamW step on a twin model with the same gradients
-  (the whole prox: prepare, decompositions, communication, write-back);
+  (the whole prox: prepare, decompositions, communication, write-back; DDP only);
 * ``sent``/``received``: tensor payload bytes of the engine's collectives
   (``ProxRank.distributed.traffic``), ``meta``: pickled metadata bytes (all-gathered).
+
+With ``--fsdp`` the ranks shard every encoder layer with FSDP2's ``fully_shard`` instead
+(the prox gathers each parameter on its owner and scatters it back).
 
 Run: ``python benchmarks/distributed.py`` (``--quick``: d=96, 2 layers, batch 4 x 32).
 """
@@ -79,7 +83,13 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace, results
         model = encoder(args.d, args.layers)
         twin = copy.deepcopy(model)
         net = model
-        if world > 1:
+        if world > 1 and args.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        elif world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(model)
@@ -97,11 +107,13 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace, results
             y = torch.randn(args.batch, args.seq, args.d, generator=g)[mine]
             opt.zero_grad()
             F.mse_loss(net(x), y).backward()
-            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-                q.grad = p.grad.clone()
-            t0 = time.perf_counter()
-            twin_opt.step()
-            base_s = time.perf_counter() - t0
+            base_s = float("nan")
+            if not (world > 1 and args.fsdp):
+                for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                    q.grad = p.grad.clone()
+                t0 = time.perf_counter()
+                twin_opt.step()
+                base_s = time.perf_counter() - t0
             m0, s0 = backend.matrices, backend.seconds
             if world > 1:
                 dist.barrier()
@@ -114,6 +126,7 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace, results
                     {
                         "matrices": backend.matrices - m0,
                         "svd_s": backend.seconds - s0,
+                        "step_s": step_s,
                         "prox_s": step_s - base_s,
                         "sent": traffic.sent if traffic else 0,
                         "received": traffic.received if traffic else 0,
@@ -158,6 +171,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--quick", action="store_true", help="d=96, 2 layers, batch 4 x 32")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP for N > 1")
     ap.add_argument("--out", default="bench-results/distributed.json")
     args = ap.parse_args()
     if args.quick:
@@ -165,6 +179,7 @@ def main() -> None:
     print(
         f"encoder {args.layers}x d={args.d}, FFN {4 * args.d}, global batch {args.batch}x"
         f"{args.seq}, AdamW + ProxRank(backend={args.backend!r}, lam={args.lam}), "
+        f"{'FSDP2' if args.fsdp else 'DDP'}, "
         f"{args.threads} thread(s) per process; medians of {args.steps} steps after "
         f"{args.warmup} warm-up steps",
         flush=True,
@@ -172,14 +187,15 @@ def main() -> None:
     table = {w: launch(w, args) for w in args.worlds}
     base = table[min(args.worlds)][0]
     print(
-        f"\n{'procs':>5} {'rank':>4} {'matrices':>8} {'svd s':>8} {'prox s':>8} "
+        f"\n{'procs':>5} {'rank':>4} {'matrices':>8} {'svd s':>8} {'step s':>8} {'prox s':>8} "
         f"{'vs 1 proc':>9} {'sent MB':>8} {'recv MB':>8} {'meta KB':>8}"
     )
     for w, ranks in table.items():
         for r, row in enumerate(ranks):
             print(
-                f"{w:5d} {r:4d} {row['matrices']:8.0f} {row['svd_s']:8.3f} {row['prox_s']:8.3f} "
-                f"{row['prox_s'] / base['prox_s']:9.2f} {row['sent'] / 1e6:8.2f} "
+                f"{w:5d} {r:4d} {row['matrices']:8.0f} {row['svd_s']:8.3f} {row['step_s']:8.3f} "
+                f"{row['prox_s']:8.3f} {row['prox_s'] / base['prox_s']:9.2f} "
+                f"{row['sent'] / 1e6:8.2f} "
                 f"{row['received'] / 1e6:8.2f} {row['meta'] / 1e3:8.1f}"
             )
     out = Path(args.out)
