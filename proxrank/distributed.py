@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .metrics import AdamMetric, Metric
 from .selection import Target
 
 __all__ = ["Checkpointed", "Engine", "Traffic", "assign_owners", "finite_operand", "is_sharded"]
@@ -233,7 +234,7 @@ class Engine:
                     f"weight {t.name!r} is {where}: proxrank shares the prox of parameters "
                     "sharded as FSDP2's fully_shard shards them (Shard(0) on one 1-D device "
                     "mesh, every selected weight alike); HSDP and tensor parallelism are not "
-                    "supported yet. Exclude the weight, or pass distributed=False"
+                    "supported yet. Exclude the weight (exclude=...)"
                 )
         if tracked:
             raise NotImplementedError(
@@ -248,14 +249,16 @@ class Engine:
         return cls(mesh.get_group(), sharded=True, device=first.to_local().device)
 
     # -- before the step -------------------------------------------------------------------
-    def prepare(self, records: Sequence[Any], metrics: Sequence[Any]) -> dict[int, dict]:
+    def prepare(self, records: Sequence[Any], metrics: Sequence[Metric]) -> dict[int, dict]:
         """The ``metric`` updates that make input statistics the same on every rank: each
         tensor in the state of a matrix whose metric gathers inputs, averaged across ranks (one
-        all-reduce per dtype). Raises for a metric the sharded engine cannot serve."""
+        all-reduce per dtype). Raises for a metric the sharded engine cannot serve: one that
+        reads gradients or the base optimizer's state (a custom metric's ``statistics`` gets
+        no base-optimizer state for sharded parameters)."""
         tensors: list[Tensor] = []
         packed = {}
         for i, (rec, metric) in enumerate(zip(records, metrics, strict=True)):
-            if self.sharded and (metric.needs_grads or metric.name == "adam"):
+            if self.sharded and (metric.needs_grads or isinstance(metric, AdamMetric)):
                 raise NotImplementedError(
                     f"weight {rec.name!r}: metric={metric.name!r} with sharded (FSDP2) "
                     "parameters is not supported yet (its statistics would need every full "

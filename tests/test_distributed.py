@@ -248,6 +248,35 @@ def _fsdp(rank: int, tmp: Path) -> dict[str, Any]:
     )
     _train(model3, opt3, local[:3])
     out["activation"] = _weights(model3)
+
+    # what the sharded engine refuses, each naming the fix
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    errors = {}
+
+    def refused(name, build, step=False):
+        try:
+            opt = build()
+            if step:
+                _train(model3, opt, local[:1])
+        except (NotImplementedError, ValueError) as err:
+            errors[name] = f"{type(err).__name__}: {err}"
+
+    def prox(**kw):
+        return proxrank.ProxRank(torch.optim.AdamW(model3.parameters(), lr=LR), model3, **kw)
+
+    refused("diagnostics", lambda: prox(lam=LAM, diagnostics=True))
+    refused("budget", lambda: prox(schedule=proxrank.Schedule(budget=0.5, ramp_end=4)))
+    refused("fisher", lambda: prox(lam=LAM, metric="fisher"), step=True)
+    refused("off", lambda: prox(lam=LAM, distributed=False))
+    tp = nn.Linear(8, 6)
+    mesh = model3[0].weight.device_mesh
+    tp.weight = nn.Parameter(distribute_tensor(tp.weight.detach(), mesh, [Shard(1)]))
+    refused(
+        "tp",
+        lambda: proxrank.ProxRank(torch.optim.SGD(tp.parameters(), lr=LR), tp, lam=LAM),
+    )
+    out["errors"] = errors
     return out
 
 
@@ -472,6 +501,13 @@ def test_fsdp2_shards_the_prox_and_resumes_from_a_distributed_checkpoint(tmp_pat
     assert _same(r0["resumed"], r0["weights"])
     assert _same(r0["activation"], r1["activation"])
     _close(r0["activation"], _reference(3, metric="activation", backend="exact"))
+    errors = r0["errors"]
+    assert errors == r1["errors"]
+    assert "NotImplementedError: diagnostics with sharded" in errors["diagnostics"]
+    assert "NotImplementedError: a budget schedule" in errors["budget"]
+    assert "metric='fisher' with sharded" in errors["fisher"]
+    assert "ValueError: weight '0.weight' is sharded" in errors["off"]
+    assert "(Shard(dim=1),)" in errors["tp"] and "tensor parallelism" in errors["tp"]
 
 
 @pytest.mark.slow
