@@ -12,6 +12,9 @@ Per rank and step (medians over the steps after ``--warmup``):
 * ``step``: the whole ``opt.step()`` (AdamW and prox);
 * ``prox``: ``opt.step()`` minus a plain AdamW step on a twin model with the same gradients
   (the whole prox: prepare, decompositions, communication, write-back; DDP only);
+* ``cpu``: the same three figures in CPU time of the process (``time.process_time``): the work
+  a rank does, unaffected by other processes competing for the cores (on a shared machine the
+  wall-clock figures measure the load as much as the prox);
 * ``sent``/``received``: tensor payload bytes of the engine's collectives
   (``ProxRank.distributed.traffic``), ``meta``: pickled metadata bytes (all-gathered).
 
@@ -51,11 +54,13 @@ class TimedBackend(proxrank.Backend):
         self.inner = get_backend(inner)
         self.matrices = 0
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def svd(self, Y, cutoff, state, min_rank=0):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = self.inner.svd(Y, cutoff, state, min_rank)
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
         self.matrices += Y.shape[0]
         return out
 
@@ -107,19 +112,19 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace, results
             y = torch.randn(args.batch, args.seq, args.d, generator=g)[mine]
             opt.zero_grad()
             F.mse_loss(net(x), y).backward()
-            base_s = float("nan")
+            base_s = base_cpu = float("nan")
             if not (world > 1 and args.fsdp):
                 for p, q in zip(model.parameters(), twin.parameters(), strict=True):
                     q.grad = p.grad.clone()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 twin_opt.step()
-                base_s = time.perf_counter() - t0
-            m0, s0 = backend.matrices, backend.seconds
+                base_s, base_cpu = time.perf_counter() - t0, time.process_time() - c0
+            m0, s0, sc0 = backend.matrices, backend.seconds, backend.cpu_seconds
             if world > 1:
                 dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             opt.step()
-            step_s = time.perf_counter() - t0
+            step_s, step_cpu = time.perf_counter() - t0, time.process_time() - c0
             traffic = opt.distributed.traffic if opt.distributed is not None else None
             if step >= args.warmup:
                 rows.append(
@@ -128,6 +133,9 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace, results
                         "svd_s": backend.seconds - s0,
                         "step_s": step_s,
                         "prox_s": step_s - base_s,
+                        "svd_cpu": backend.cpu_seconds - sc0,
+                        "step_cpu": step_cpu,
+                        "prox_cpu": step_cpu - base_cpu,
                         "sent": traffic.sent if traffic else 0,
                         "received": traffic.received if traffic else 0,
                         "meta": traffic.metadata if traffic else 0,
@@ -187,15 +195,19 @@ def main() -> None:
     table = {w: launch(w, args) for w in args.worlds}
     base = table[min(args.worlds)][0]
     print(
-        f"\n{'procs':>5} {'rank':>4} {'matrices':>8} {'svd s':>8} {'step s':>8} {'prox s':>8} "
-        f"{'vs 1 proc':>9} {'sent MB':>8} {'recv MB':>8} {'meta KB':>8}"
+        f"\n{'':10} {'':8} | {'wall-clock seconds':^35} | {'CPU seconds':^35} |\n"
+        f"{'procs':>5} {'rank':>4} {'matrices':>8} | {'svd':>8} {'step':>8} {'prox':>8} "
+        f"{'vs 1':>8} | {'svd':>8} {'step':>8} {'prox':>8} {'vs 1':>8} | "
+        f"{'sent MB':>8} {'recv MB':>8} {'meta KB':>8}"
     )
     for w, ranks in table.items():
         for r, row in enumerate(ranks):
             print(
-                f"{w:5d} {r:4d} {row['matrices']:8.0f} {row['svd_s']:8.3f} {row['step_s']:8.3f} "
-                f"{row['prox_s']:8.3f} {row['prox_s'] / base['prox_s']:9.2f} "
-                f"{row['sent'] / 1e6:8.2f} "
+                f"{w:5d} {r:4d} {row['matrices']:8.0f} | {row['svd_s']:8.3f} "
+                f"{row['step_s']:8.3f} {row['prox_s']:8.3f} "
+                f"{row['prox_s'] / base['prox_s']:8.2f} | "
+                f"{row['svd_cpu']:8.3f} {row['step_cpu']:8.3f} {row['prox_cpu']:8.3f} "
+                f"{row['prox_cpu'] / base['prox_cpu']:8.2f} | {row['sent'] / 1e6:8.2f} "
                 f"{row['received'] / 1e6:8.2f} {row['meta'] / 1e3:8.1f}"
             )
     out = Path(args.out)
