@@ -16,7 +16,7 @@ from .backends import Backend
 from .budget import allocate_ranks
 from .compress import compress
 from .diagnostics import ConvergenceRule, CSVLogger, Diagnostics, JSONLinesLogger, TensorBoardLogger
-from .factorize import factorize
+from .factorize import factorize, load_factorized
 from .metrics import ActivationMetric, FisherMetric, Metric
 from .optimizer import ProxRank
 from .schedules import Ramp, Schedule
@@ -41,4 +41,5 @@ __all__ = [
     "compress",
     "factorize",
     "functional",
+    "load_factorized",
 ]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -118,12 +120,6 @@ def _nonfinite(tensors: list[Tensor], engine: Engine | None = None) -> int | Non
     if bool(finite.all()):
         return None
     return int((~finite).nonzero()[0])
-
-
-def _skipped_by_amp(kwargs: dict[str, Any]) -> bool:
-    """Whether a fused optimizer's AMP step skipped its update (``found_inf`` set)."""
-    found_inf = kwargs.get("found_inf")
-    return found_inf is not None and bool(found_inf.sum() > 0)
 
 
 class ProxRank(Optimizer):
@@ -237,10 +233,10 @@ class ProxRank(Optimizer):
         }
         self.backend = get_backend(backend, tol=tol)
         self.check_finite = bool(check_finite)
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
+        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
 
         self._candidates = select_targets(model_or_named_params, include, exclude, warn=True)
@@ -370,12 +366,13 @@ class ProxRank(Optimizer):
                 position.setdefault(id(p), len(position))
                 group_of.setdefault(id(p), gi)
         chosen = [t for t in self._candidates if id(t.param) in position]
-        if not chosen:
-            raise ValueError(
-                "no weight matrix to apply the prox to: none of the selected parameters "
-                f"({len(self._candidates)} found in model_or_named_params) is trained by the "
-                "optimizer; check include/exclude and that the optimizer holds the model's "
-                "parameters"
+        if not chosen and not self._records:
+            warnings.warn(
+                "proxrank: no weight matrix to apply the prox to: none of the selected "
+                f"parameters ({len(self._candidates)} found in model_or_named_params) is trained "
+                "by the optimizer, so this ProxRank steps as its base optimizer alone; check "
+                "include/exclude and that the optimizer holds the model's parameters",
+                stacklevel=3,
             )
         chosen.sort(key=lambda t: position[id(t.param)])  # stable: blocks keep their order
         old = {r.name: r for r in self._records}
@@ -443,12 +440,16 @@ class ProxRank(Optimizer):
         """Base optimizer step (``closure`` and a fused optimizer's ``grad_scale``/``found_inf``
         passed through), then the prox on every selected matrix. Returns what the base step
         returns (the closure's loss)."""
-        work = self._prepare(after_base=False) if closure is None else None
+        # a fused base under torch.amp.GradScaler: the scaler set grad_scale / found_inf on
+        # this optimizer; the base reads them, and a step with found_inf skips everything
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.sum() > 0):
+            return self._base_step(closure, kwargs)
+        work = self._prepare(False, grad_scale) if closure is None else None
         loss = self._base_step(closure, kwargs)
-        if _skipped_by_amp(kwargs):  # the fused step skipped its update: so does the prox
-            return loss
         if work is None:  # with a closure the gradients exist only now
-            work = self._prepare(after_base=True)
+            work = self._prepare(True, grad_scale)
         if self.check_finite:
             self._raise_if_nonfinite(work.jobs, grads=False, when="after the base optimizer's step")
         outcomes = self._compute(work.jobs)
@@ -458,19 +459,31 @@ class ProxRank(Optimizer):
         return loss
 
     def _base_step(self, closure: Callable[[], Any] | None, kwargs: dict[str, Any]) -> Any:
-        """The base optimizer's own step, without its hook wrapper: the step hooks (shared)
-        already ran once around this whole step."""
+        """The base optimizer's own step, without its hook wrapper (the step hooks, shared, run
+        once around this whole step), recorded by the profiler under the base's name; the
+        ``grad_scale`` / ``found_inf`` a GradScaler set on this optimizer reach the base."""
         base = self.optimizer
-        step = getattr(type(base).step, "__wrapped__", None)
-        if step is None:
-            return base.step(closure, **kwargs) if closure is not None else base.step(**kwargs)
-        base._opt_called = True  # what an LR scheduler attached to the base looks for
+        amp = {k: getattr(self, k) for k in ("grad_scale", "found_inf") if hasattr(self, k)}
         args = () if closure is None else (closure,)
-        return step(base, *args, **kwargs)
+        step = getattr(type(base).step, "__wrapped__", None)
+        for k, v in amp.items():
+            setattr(base, k, v)
+        try:
+            if step is None:
+                return base.step(*args, **kwargs)
+            base._opt_called = True  # what an LR scheduler attached to the base looks for
+            with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(base).__name__}.step"
+            ):
+                return step(base, *args, **kwargs)
+        finally:
+            for k in amp:
+                delattr(base, k)
 
-    def _prepare(self, after_base: bool) -> _Work:
+    def _prepare(self, after_base: bool, grad_scale: Tensor | None = None) -> _Work:
         """Settle this step without changing anything: every option, check, statistic update,
-        metric weighting and schedule decision, each error naming its weight."""
+        metric weighting and schedule decision, each error naming its weight. ``grad_scale``:
+        the AMP scale of the gradients (a fused base unscales them itself)."""
         options = self._options()
         self._raise_input_errors(options)
         self._sync_input_hooks(options)
@@ -496,11 +509,9 @@ class ProxRank(Optimizer):
             t = self._records[i].target
             if metric.needs_grads and not t.param.grad.is_sparse:
                 with _naming(f"weight {t.name!r}"):
-                    work.update(
-                        i,
-                        "metric",
-                        metric.observe_grad(states[i], gradient_matrix(t, t.param.grad)),
-                    )
+                    g = gradient_matrix(t, t.param.grad)
+                    g = g if grad_scale is None else g / grad_scale.to(g)
+                    work.update(i, "metric", metric.observe_grad(states[i], g))
         if self.schedule is not None:
             sched_states = [self._current(i, "schedule", work) for i in range(len(self._records))]
             with _naming("the schedule's allocation"):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import proxrank
-from proxrank.backends import AutoBackend, GramBackend, SubspaceBackend, get_backend
+from proxrank.backends import AutoBackend, GramBackend, SubspaceBackend, SVDResult, get_backend
 from proxrank.functional import prox_step, svt
 
 FAST = ("gram", "subspace", "auto")
@@ -279,7 +279,7 @@ def test_optimizer_auto_matches_exact_and_records_diagnostics():
     train(o_exact, m_exact, 8)
     for a, b in zip(m_auto.parameters(), m_exact.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
-    states = list(o_auto._target_state.values())
+    states = [info.backend_state for info in o_auto.matrices()]
     assert {s["backend"] for s in states} <= {"gram", "subspace", "exact"}
     assert all(float(s["error_bound"]) <= 1e-4 * 50 for s in states)
 
@@ -296,7 +296,8 @@ def test_bases_survive_state_dict_round_trip():
     clone.load_state_dict(saved["model"])
     opt2 = build(clone)
     opt2.load_state_dict(saved["opt"])
-    for a, b in zip(opt._target_state.values(), opt2._target_state.values(), strict=True):
+    pairs = zip(opt.matrices(), opt2.matrices(), strict=True)
+    for a, b in ((x.backend_state, y.backend_state) for x, y in pairs):
         assert a.keys() == b.keys()
         if "basis" in a:
             assert torch.equal(a["basis"], b["basis"])
@@ -343,3 +344,253 @@ def test_half_precision_weights_use_a_float32_prox():
     model(train_x).float().square().mean().backward()
     opt.step()
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- regressions (issue 10) ------------------------------------------------------------------
+
+
+def finite_state(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_layer_shrunk_to_zero_stores_nothing_nan_and_recovers(name):
+    Y = low_rank_plus_noise(60, 120).float()
+    backend, state = make(name), {}
+    sequence = [Y, Y, torch.zeros_like(Y), torch.zeros_like(Y), Y, 0.2 * Y, Y]
+    for Yt in sequence:  # 0.2 Y: a prox that zeroes everything
+        res = prox_step(Yt, 1.0, backend=backend, state=state)
+        assert finite_state(state) and torch.isfinite(res.X).all()
+        err = torch.linalg.matrix_norm(res.X.double() - svt(Yt.double(), 1.0))
+        assert err <= res.svd.error_bound.double() + 1e-5 * Yt.norm()
+
+
+def test_a_nan_basis_from_an_old_checkpoint_is_dropped():
+    Y = low_rank_plus_noise()
+    backend = SubspaceBackend()
+    state = warm_state(backend, Y, 1.0)
+    state["basis"] = torch.full_like(state["basis"], math.nan)
+    res = prox_step(Y, 1.0, backend=backend, state=state)
+    assert finite_state(state)
+    assert torch.allclose(res.X, svt(Y, 1.0), atol=1e-8)
+
+
+def test_values_repeated_exactly_at_the_cutoff_on_the_first_step():
+    s = torch.cat([torch.full((20,), 3.0), torch.full((60,), 1.0), 0.5 * torch.rand(80)])
+    Y = spectrum_matrix(160, 320, s.double(), 0).float()
+    for backend in (AutoBackend(), SubspaceBackend(), GramBackend()):
+        state: dict = {}
+        for _ in range(3):
+            res = prox_step(Y, 1.0, backend=backend, state=state)
+            err = torch.linalg.matrix_norm(res.X.double() - svt(Y.double(), 1.0))
+            assert err <= res.svd.error_bound.double() + 1e-5 * Y.norm()
+            assert finite_state(state)
+
+
+def test_the_bound_covers_float32_rounding_on_a_decaying_spectrum():
+    Y0 = spectrum_matrix(192, 448, 0.9 ** torch.arange(192).double(), 0)
+    backend, state = AutoBackend(), {}
+    used = set()
+    for step in range(4):
+        Y = drift(Y0, 1e-5, step)
+        res = prox_step(Y.float(), 0.05, backend=backend, state=state)
+        used.add(state["backend"])
+        err = torch.linalg.matrix_norm(res.X.double() - svt(Y, 0.05)).item()
+        assert err <= res.svd.error_bound.item()  # no allowance: the bound is the whole error
+    assert used <= {"gram", "subspace"}
+
+
+def failing_batch() -> tuple[torch.Tensor, list[dict]]:
+    """Two 256 x 512 matrices under ``auto``: the first planned ``gram`` whose certificate
+    fails (values repeated exactly at the cutoff), the second planned ``subspace`` whose
+    warm basis misses the signal."""
+    clustered = torch.cat([torch.full((30,), 3.0), torch.full((100,), 1.0), torch.zeros(126)])
+    A = spectrum_matrix(256, 512, clustered.double(), 1)
+    B = low_rank_plus_noise(256, 512, seed=2)
+    U = torch.linalg.svd(B).U
+    states = [{}, {"basis": U[:, -20:].clone(), "shape": (256, 512)}]
+    return torch.stack([A, B]), states
+
+
+def test_mixed_plans_whose_first_certificates_fail_in_one_batch():
+    Y, states = failing_batch()
+    backend = AutoBackend()
+    assert [backend.planner.plan(s, 256, 512) for s in states] == ["gram", "subspace"]
+    res = prox_step(Y, 1.0, backend=backend, state=states)
+    assert all(s["rounds"] >= 2 for s in states)
+    assert torch.allclose(res.X, svt(Y, 1.0), atol=1e-6)
+    assert all(finite_state(s) for s in states)
+
+
+@pytest.mark.parametrize("name", ["exact", *FAST])
+@pytest.mark.parametrize("repeated", [False, True])
+def test_rank_requests_return_the_largest_triplets(name, repeated):
+    # a rank target asks for min_rank = r + 1 with cutoff +inf
+    s = torch.linspace(5, 1, 40).double()
+    if repeated:
+        s[5:12] = s[5].item()  # seven equal values, the request's edge among them
+    Y = spectrum_matrix(40, 90, s, 3)
+    backend = AutoBackend(min_size=1) if name == "auto" else get_backend(name)
+    state: dict = {}
+    for r in (3, 6, 20, 39):  # the request grows past the warm block
+        res = backend.svd(Y, torch.tensor(math.inf, dtype=Y.dtype), state, min_rank=r + 1)
+        assert torch.allclose(res.S[: r + 1], s[: r + 1], atol=1e-9)
+        assert finite_state(state)
+
+
+class LinAlgFailure:
+    """Makes ``torch.linalg.<fn>`` raise like LAPACK for inputs of the given dtypes."""
+
+    def __init__(self, monkeypatch, fn: str, dtypes, element: int | None = None):
+        self.real = getattr(torch.linalg, fn)
+        self.dtypes, self.element, self.fn = dtypes, element, fn
+        monkeypatch.setattr(torch.linalg, fn, self)
+
+    def __call__(self, A, *args, **kwargs):
+        if A.dtype in self.dtypes:
+            where = "" if self.element is None else f"(Batch element {self.element}): "
+            raise torch.linalg.LinAlgError(f"linalg.{self.fn}: {where}failed to converge")
+        return self.real(A, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "fn"), [("exact", "svd"), ("gram", "eigh"), ("subspace", "eigh"), ("auto", "svd")]
+)
+def test_lapack_failures_are_retried_in_float64(monkeypatch, name, fn):
+    Y = torch.stack([low_rank_plus_noise(seed=s) for s in range(2)]).float()
+    backend = make(name)
+    states = [{}, {}]
+    prox_step(Y, 1.0, backend=backend, state=states)  # builds the bases
+    LinAlgFailure(monkeypatch, fn, {torch.float32})
+    res = prox_step(Y, 1.0, backend=backend, state=states)
+    assert torch.allclose(res.X.double(), svt(Y.double(), 1.0), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["exact", "gram"])
+@pytest.mark.parametrize("element", [None, 1])
+def test_lapack_failure_in_float64_too_raises_backend_error_and_changes_nothing(
+    monkeypatch, name, element
+):
+    from proxrank.backends import BackendError
+
+    Y = torch.stack([low_rank_plus_noise(seed=s) for s in range(3)]).float()
+    backend = make(name)
+    states = [{}, {}, {}]
+    prox_step(Y, 1.0, backend=backend, state=states)
+    before = [dict(s) for s in states]
+    LinAlgFailure(
+        monkeypatch, "svd" if name == "exact" else "eigh", {torch.float32, torch.float64}, element
+    )
+    with pytest.raises(BackendError, match="float64") as info:
+        prox_step(Y, 1.0, backend=backend, state=states)
+    assert isinstance(info.value, RuntimeError) and info.value.index == element
+    assert all(a == b for a, b in zip(before, states, strict=True))
+
+
+def test_non_finite_input_raises_backend_error_naming_the_matrix():
+    from proxrank.backends import BackendError
+
+    Y = torch.stack([low_rank_plus_noise(seed=s) for s in range(3)])
+    Y[2, 0, 0] = math.inf
+    states = [{}, {}, {}]
+    with pytest.raises(BackendError, match="matrix 2") as info:
+        prox_step(Y, 1.0, backend=GramBackend(), state=states)
+    assert info.value.index == 2 and states == [{}, {}, {}]
+
+
+def run_steps(backend, states, steps: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.stack([low_rank_plus_noise(60, 120, seed=s) for s in range(2)]).float()
+    out = []
+    for _ in range(steps):
+        Y = base + 0.05 * torch.randn(base.shape, generator=g)
+        out.append(prox_step(Y, 1.0, backend=backend, state=states).X)
+    return out
+
+
+@pytest.mark.parametrize("name", ["exact", *FAST])
+def test_resume_is_bit_exact(name):
+    import copy
+
+    backend, states = make(name), [{}, {}]
+    # refresh=2 under subspace: exact recomputations interleave and the basis grows at random
+    if name == "subspace":
+        backend = SubspaceBackend(refresh=2)
+    run_steps(backend, states, 3, 0)
+    saved = copy.deepcopy((backend.state_dict(), states))
+    first = run_steps(backend, states, 4, 1)
+    clone = make(name) if name != "subspace" else SubspaceBackend(refresh=2)
+    clone.load_state_dict(saved[0])
+    again = run_steps(clone, saved[1], 4, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert set(backend.state_dict()) <= {"generators"}
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ([], "expects"),
+        ({"seed": 1}, "expects"),
+        ({"generators": 3}, "generators"),
+        ({"generators": {"cpu": torch.zeros(3)}}, "uint8"),
+        ({"generators": {"cpu": torch.zeros(3, dtype=torch.uint8)}}, "invalid"),
+        ({"generators": {"nowhere": torch.Generator().get_state()}}, "invalid"),
+    ],
+)
+def test_bad_backend_state_raises_and_changes_nothing(bad, match):
+    backend = SubspaceBackend()
+    run_steps(backend, [{}, {}], 2, 0)
+    before = backend.state_dict()
+    with pytest.raises(ValueError, match=match):
+        backend.load_state_dict(bad)
+    after = backend.state_dict()
+    assert before["generators"].keys() == after["generators"].keys() == {"cpu"}
+    assert torch.equal(before["generators"]["cpu"], after["generators"]["cpu"])
+
+
+def test_a_user_backend_needs_only_svd():
+    class TopK(proxrank.Backend):
+        def svd(self, Y, cutoff, state, min_rank=0):
+            for entry in state:
+                entry["backend"] = "topk"
+            U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+            return SVDResult(U, S, Vh, torch.zeros(Y.shape[:-2], dtype=Y.dtype))
+
+    backend = TopK()
+    assert backend.state_dict() == {}
+    backend.load_state_dict({})
+    with pytest.raises(ValueError, match="keeps no state"):
+        backend.load_state_dict({"generators": {}})
+    states = [{}, {}]
+    Y = torch.randn(2, 5, 7, dtype=torch.float64)
+    assert torch.allclose(prox_step(Y, 0.5, backend=backend, state=states).X, svt(Y, 0.5))
+    assert get_backend(backend) is backend and states[0]["backend"] == "topk"
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_states_are_assigned_never_mutated_in_place(name):
+    import copy
+
+    backend, states = make(name), [{}, {}]
+    run_steps(backend, states, 2, 0)
+    snapshot = copy.deepcopy(states)
+    copies = [dict(s) for s in states]  # shallow: the tensors are shared
+    run_steps(backend, copies, 3, 1)
+    for old, snap in zip(states, snapshot, strict=True):
+        assert old.keys() == snap.keys()
+        for key, value in old.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, snap[key])
+            else:
+                assert value == snap[key]
+
+
+def test_auto_composes_a_planner_with_the_kernels():
+    from proxrank.backends import AutoPlanner, CertifiedBackend
+
+    auto = AutoBackend(min_size=64, max_ratio=0.5)
+    assert isinstance(auto, CertifiedBackend) and not isinstance(auto, SubspaceBackend)
+    assert isinstance(auto.planner, AutoPlanner) and auto.planner.min_size == 64
+    assert "min_size=64" in repr(auto)
+    with pytest.raises(ValueError, match="planner"):
+        CertifiedBackend("auto")

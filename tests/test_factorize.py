@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import proxrank
-from proxrank import factorize
-from proxrank.factorize import Factorized
+from proxrank import factorize, load_factorized
+from proxrank.factorize import Factorized, FactorizedMultiheadAttention
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -365,3 +365,388 @@ def test_fine_tune_with_proxrank_on_the_factors():
     for w, s in zip(factors, before, strict=True):
         assert torch.allclose(torch.linalg.svdvals(w.detach()), (s - tau).clamp_min(0), atol=1e-5)
     assert torch.linalg.matrix_rank(factors[0]) == 3
+
+
+# -- transposed convolutions, transformers' Conv1D, the dense weight ----------------------------
+
+CONV_TS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+#: set_low_rank's view names are a convolution's: a transposed kernel (in, out/g, k) swaps them
+TRANSPOSED_VIEW = {"pointwise-first": "kernel-first", "kernel-first": "pointwise-first"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2]),
+    cin=st.integers(2, 8),
+    cout=st.integers(2, 8),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    extra=st.booleans(),
+    groups=st.sampled_from([1, 2]),
+    bias=st.booleans(),
+    split=st.sampled_from(["kernel-first", "pointwise-first"]),
+    rank=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_conv_transpose_equals_dense_low_rank(
+    dims, cin, cout, k, stride, dilation, padding, extra, groups, bias, split, rank, dtype
+):
+    output_padding = int(extra) * (max(stride, dilation) - 1)  # must be < stride or dilation
+    convt = CONV_TS[dims](
+        cin * groups,
+        cout * groups,
+        k,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=groups,
+        bias=bias,
+        dilation=dilation,
+        dtype=dtype,
+    )
+    set_low_rank(convt, rank, TRANSPOSED_VIEW[split])
+    fact, summary = factorize(convt, include=[type(convt)])
+    x = torch.randn(2, cin * groups, *([5] * dims), dtype=dtype)
+    assert_same_outputs(convt, fact, x, 2e-5 if dtype == torch.float32 else 1e-11)
+    row = summary.layers[0]
+    assert row.kind == type(convt).__name__
+    if row.factorized:
+        assert isinstance(fact, Factorized) and fact.rank <= rank
+        assert isinstance(fact.first, type(convt)) and isinstance(fact.second, type(convt))
+        assert row.params_after == sum(p.numel() for p in fact.parameters())
+    else:
+        assert type(fact) is type(convt)
+
+
+def test_conv_transpose_macs_match_flop_counter():
+    model = nn.Sequential(
+        set_low_rank(nn.ConvTranspose2d(8, 16, 3, stride=2, padding=1), 2, "pointwise-first"),
+        set_low_rank(nn.ConvTranspose2d(16, 6, 3, stride=2, output_padding=1, groups=2), 1),
+    )
+    x = torch.randn(2, 8, 5, 5)
+    fact, summary = factorize(model, include=[nn.ConvTranspose2d], example_inputs=x)
+    assert [lay.split for lay in summary.layers] == ["kernel-first", "pointwise-first"]
+    for net, key in ((model, "before"), (fact, "after")):
+        with FlopCounterMode(display=False) as counter:
+            net(x)
+        assert counter.get_total_flops() == 2 * summary.totals("macs")[key == "after"]
+    assert_same_outputs(model, fact, x, 1e-5)
+
+
+def _conv1d():
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    layer = Conv1D(24, 16)  # nf (out) = 24, nx (in) = 16; weight stored 16 x 24
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(16, 3) @ torch.randn(3, 24))
+        layer.bias.normal_()
+    return layer, Conv1D
+
+
+def test_transformers_conv1d_factorized():
+    layer, Conv1D = _conv1d()
+    fact, summary = factorize(nn.Sequential(layer), include=[Conv1D])
+    row = summary.layers[0]
+    assert (row.kind, row.shape, row.rank, row.split) == ("Conv1D", (24, 16), 3, "linear")
+    assert isinstance(fact[0], Factorized) and fact[0].weight_in_out
+    assert (fact[0].nf, fact[0].nx) == (24, 16)
+    assert_same_outputs(layer, fact[0], torch.randn(2, 5, 16), 1e-5)
+
+
+def _dense_and_factorized():
+    """(dense, factorized) pairs of every Factorized layout."""
+    torch.manual_seed(0)
+    layers = [
+        set_low_rank(nn.Linear(12, 10), 2),
+        set_low_rank(nn.Conv2d(4, 6, 3, groups=2), 1, "kernel-first"),
+        set_low_rank(nn.Conv2d(8, 8, 3, padding=1), 1, "pointwise-first"),
+        set_low_rank(nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2), 1, "kernel-first"),
+        set_low_rank(nn.ConvTranspose1d(8, 8, 3), 1, "pointwise-first"),
+    ]
+    return [(layer, factorize(layer, include=[type(layer)])[0]) for layer in layers]
+
+
+def test_weight_is_the_dense_product_read_only_and_not_a_parameter():
+    pairs = _dense_and_factorized()
+    layer, _ = _conv1d()
+    pairs.append((layer, factorize(nn.Sequential(layer), include=[type(layer)])[0][0]))
+    for dense, fact in pairs:
+        assert isinstance(fact, Factorized)
+        W = fact.weight
+        assert type(W) is torch.Tensor and W.shape == dense.weight.shape
+        assert W.dtype == dense.weight.dtype and W.device == dense.weight.device
+        assert torch.allclose(W, dense.weight, atol=1e-5)
+        assert all(W is not p for p in fact.parameters())
+        assert fact.bias is fact.second.bias and torch.equal(fact.bias, dense.bias)
+        for attr in ("in_features", "in_channels", "kernel_size", "stride", "transposed"):
+            assert getattr(fact, attr, None) == getattr(dense, attr, None)
+        with pytest.raises(AttributeError, match="change first.weight / second.weight"):
+            fact.weight = dense.weight.detach()
+        with pytest.raises(KeyError, match="'weight' already exists"):
+            fact.weight = dense.weight  # a Parameter: refused by nn.Module
+        W.sum().backward()  # the product is differentiable in the factors
+        assert fact.first.weight.grad is not None
+
+
+# -- attention ----------------------------------------------------------------------------------
+
+
+def low_rank_blocks(param: torch.Tensor, rank: int, blocks: int = 1) -> None:
+    """Project each of ``blocks`` row blocks of ``param`` onto rank ``rank`` (float64 SVD)."""
+    h = param.shape[0] // blocks
+    with torch.no_grad():
+        for j in range(0, param.shape[0], h):
+            U, S, Vh = torch.linalg.svd(param[j : j + h].double(), full_matrices=False)
+            param[j : j + h] = ((U[:, :rank] * S[:rank]) @ Vh[:rank]).to(param.dtype)
+
+
+def _attention(seed=0, ranks=(2, 2, 2), **kwargs) -> nn.MultiheadAttention:
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(16, 4, dtype=torch.float64, **kwargs)
+    if mha._qkv_same_embed_dim:
+        for j, r in enumerate(ranks):
+            low_rank_blocks(mha.in_proj_weight[j * 16 : (j + 1) * 16], r)
+    else:
+        for block, r in zip("qkv", ranks, strict=True):
+            low_rank_blocks(getattr(mha, f"{block}_proj_weight"), r)
+    return mha.eval()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch_first=st.booleans(),
+    bias=st.booleans(),
+    add_bias_kv=st.booleans(),
+    add_zero_attn=st.booleans(),
+    cross=st.booleans(),
+    batched=st.booleans(),
+    need_weights=st.booleans(),
+    average=st.booleans(),
+    mask=st.sampled_from(["none", "padding", "bool-2d", "float-3d", "both", "causal"]),
+)
+def test_attention_equals_dense(
+    batch_first, bias, add_bias_kv, add_zero_attn, cross, batched, need_weights, average, mask
+):
+    dims = {"kdim": 6, "vdim": 10} if cross else {}
+    mha = _attention(
+        batch_first=batch_first,
+        bias=bias,
+        add_bias_kv=add_bias_kv,
+        add_zero_attn=add_zero_attn,
+        **dims,
+    )
+    fact, summary = factorize(mha, include=[nn.MultiheadAttention])
+    assert isinstance(fact, FactorizedMultiheadAttention)
+    assert [row.rank for row in summary.layers] == [2, 2, 2]
+    L, S, N, H = 5, 6, 3, 4
+    if mask == "causal":
+        S = L
+    gen = torch.Generator().manual_seed(1)
+
+    def seq(n, d):
+        shape = (N, n, d) if batch_first else (n, N, d)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        return x if batched else x[0] if batch_first else x[:, 0]
+
+    q, k, v = seq(L, 16), seq(S, mha.kdim), seq(S, mha.vdim)
+    pad = torch.rand(N, S, generator=gen) < 0.3
+    pad[:, 0] = False
+    kwargs = {"need_weights": need_weights, "average_attn_weights": average}
+    if mask in ("padding", "both"):
+        kwargs["key_padding_mask"] = pad if batched else pad[0]
+    if mask in ("bool-2d", "both"):
+        kwargs["attn_mask"] = torch.rand(L, S, generator=gen) < 0.3
+        kwargs["attn_mask"][:, 0] = False
+        if mask == "both":
+            kwargs["key_padding_mask"] = kwargs["key_padding_mask"].double() * -1e4
+            kwargs["attn_mask"] = kwargs["attn_mask"].double() * -1e4
+    if mask == "float-3d":
+        kwargs["attn_mask"] = torch.randn((N if batched else 1) * H, L, S, generator=gen).double()
+    if mask == "causal":
+        kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(L).double()
+        kwargs["is_causal"] = True
+    with torch.no_grad():
+        ref_out, ref_w = mha(q, k, v, **kwargs)
+        out, w = fact(q, k, v, **kwargs)
+    assert out.shape == ref_out.shape and torch.allclose(out, ref_out, atol=1e-10)
+    assert (w is None) == (ref_w is None)
+    if w is not None:
+        assert w.shape == ref_w.shape and torch.allclose(w, ref_w, atol=1e-10)
+
+
+def test_attention_blocks_dense_weights_and_fused_paths_off():
+    mha = _attention(ranks=(2, 16, 3))  # W_k full rank: stays a dense Linear
+    fact, summary = factorize(mha, include=[nn.MultiheadAttention])
+    assert [(row.factorized, row.rank) for row in summary.layers] == [
+        (True, 2),
+        (False, 16),
+        (True, 3),
+    ]
+    assert "factors would cost" in summary.layers[1].reason
+    assert type(fact.k_proj) is nn.Linear and isinstance(fact.q_proj, Factorized)
+    assert summary.model_params_after == sum(p.numel() for p in fact.parameters())
+    assert summary.layers[0].params_after == 2 * 32 + 16  # r (m + n) + the block's bias
+    assert torch.allclose(fact.in_proj_weight, mha.in_proj_weight, atol=1e-12)
+    assert torch.equal(fact.in_proj_bias, mha.in_proj_bias)
+    assert fact.out_proj is not mha.out_proj and torch.equal(
+        fact.out_proj.weight, mha.out_proj.weight
+    )
+    assert not fact._qkv_same_embed_dim and fact.batch_first == mha.batch_first
+    assert all(p is not fact.in_proj_weight for p in fact.parameters())
+    cross = _attention(kdim=6, vdim=10)
+    small = factorize(cross, include=[nn.MultiheadAttention])[0]
+    assert small.in_proj_weight is None
+    for block in "qkv":
+        dense = getattr(cross, f"{block}_proj_weight")
+        assert torch.allclose(getattr(small, f"{block}_proj_weight"), dense, atol=1e-12)
+    full = _attention(ranks=(16, 16, 16))
+    same, rows = factorize(full, include=[nn.MultiheadAttention])
+    assert type(same) is nn.MultiheadAttention and not any(r.factorized for r in rows.layers)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("attention", [False, True])
+def test_transformer_encoder_inference_paths(attention):
+    """Factorized feed-forward layers keep the encoder's fused nested-tensor path (it reads the
+    dense ``linear1.weight``); a factorized attention switches that path off."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+    for layer in enc.layers:
+        low_rank_blocks(layer.linear1.weight, 2)
+        low_rank_blocks(layer.linear2.weight, 2)
+        low_rank_blocks(layer.self_attn.in_proj_weight, 2, blocks=3)
+    enc.eval()
+    include = [nn.Linear, nn.MultiheadAttention] if attention else [nn.Linear]
+    small, _ = factorize(enc, include=include)
+    assert isinstance(small.layers[1].linear2, Factorized)
+    assert small.use_nested_tensor is (not attention)
+    x, pad = torch.randn(2, 6, 16), torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():
+        ref, out = enc(x, src_key_padding_mask=pad), small(x, src_key_padding_mask=pad)
+    valid = ~pad[..., None]
+    assert torch.allclose(out * valid, ref * valid, atol=1e-5)
+    assert bool((out[1, 4:] == 0).all()) is not attention  # nested path: zeros at padding
+
+
+def test_attention_errors_match_torch():
+    mha = _attention()
+    fact = factorize(mha, include=[nn.MultiheadAttention])[0]
+    x = torch.randn(4, 2, 16, dtype=torch.float64)
+    for module in (mha, fact):
+        with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal"):
+            module(x, x, x, is_causal=True)
+    with pytest.raises(TypeError, match="attn_mask"):
+        fact(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="2D attn_mask"):
+        fact(x, x, x, attn_mask=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="query must be 2-D"):
+        fact(x[None], x[None], x[None])
+
+
+def test_attention_macs_per_block():
+    mha = _attention(ranks=(2, 3, 16), kdim=6, vdim=10)
+    q, kv = torch.randn(5, 2, 16, dtype=torch.float64), torch.randn(7, 2, 6, dtype=torch.float64)
+    v = torch.randn(7, 2, 10, dtype=torch.float64)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, q, k, v):
+            return self.attn(q, k, value=v)[0]
+
+    include = [nn.MultiheadAttention, nn.Linear]
+    _, summary = factorize(Net(), include=include, example_inputs=(q, kv, v))
+    macs = [(row.macs_before, row.macs_after) for row in summary.layers]
+    # q, k, v blocks (v full rank: dense), then out_proj (never called: as many rows as q)
+    q_, k_, v_ = (16 * 16 * 10, 2 * 32 * 10), (16 * 6 * 14, 3 * 22 * 14), (16 * 10 * 14,) * 2
+    assert macs == [q_, k_, v_, (16 * 16 * 10,) * 2]
+
+
+def test_other_kinds_are_reported_and_kept():
+    model = nn.Sequential(nn.Embedding(20, 8), nn.LSTM(8, 6))
+    fact, summary = factorize(model, include=[nn.Embedding, nn.LSTM])
+    emb, *lstm = summary.layers
+    assert emb.name == "0.weight" and emb.rank == -1 and "not a weight of a kind" in emb.reason
+    assert [row.name for row in lstm] == [
+        f"1.weight_{w}_l0[{g}]" for w in ("ih", "hh") for g in "ifgo"
+    ]
+    assert all("recurrent layers stay dense" in row.reason for row in lstm)
+    assert [type(m) for m in fact] == [nn.Embedding, nn.LSTM]
+
+
+# -- load_factorized ----------------------------------------------------------------------------
+
+
+class Mixed(nn.Module):
+    """A convolution, a transposed one, attention and linear layers, for save/load."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 5)
+        self.dense = nn.Linear(5, 5)
+
+    def forward(self, x):
+        y = self.up(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.dense(self.head(self.attn(y, y, y)[0]))
+
+
+def _mixed(seed: int) -> Mixed:
+    torch.manual_seed(seed)
+    model = Mixed()
+    set_low_rank(model.conv, 1, "pointwise-first", seed)
+    set_low_rank(model.up, 1, TRANSPOSED_VIEW["kernel-first"], seed)
+    for j, r in enumerate((1, 8, 2)):  # W_k full rank: a dense block
+        low_rank_blocks(model.attn.in_proj_weight[8 * j : 8 * (j + 1)], r)
+    set_low_rank(model.head, 1, seed=seed)
+    return model.eval()
+
+
+def test_load_factorized_rebuilds_from_architecture_and_state_dict():
+    small, summary = factorize(
+        _mixed(0), include=[nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.MultiheadAttention]
+    )
+    assert [row.split for row in summary.layers if row.factorized] == [
+        "pointwise-first",
+        "kernel-first",
+        "linear",
+        "linear",
+        "linear",
+    ]
+    buf = io.BytesIO()
+    torch.save(small.state_dict(), buf)
+    buf.seek(0)
+    fresh = _mixed(1)
+    rebuilt = load_factorized(fresh, torch.load(buf, weights_only=True))
+    assert type(fresh.attn) is nn.MultiheadAttention  # the argument is not changed
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in small.modules()]
+    assert rebuilt.conv.split == "pointwise-first" and rebuilt.up.split == "kernel-first"
+    assert type(rebuilt.attn.k_proj) is nn.Linear and rebuilt.attn.q_proj.rank == 1
+    assert not rebuilt.training and not rebuilt.attn.q_proj.training
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), small(x))
+
+
+def test_load_factorized_errors_change_nothing():
+    small = factorize(_mixed(0))[0]
+    state = small.state_dict()
+    fresh = Mixed()
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        load_factorized(state, state)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        load_factorized(fresh, list(state.items()))
+    bad = dict(state)
+    bad["head.first.weight"] = torch.zeros(2, 4)  # a rank-2 first factor of the wrong width
+    with pytest.raises(RuntimeError, match="head"):
+        load_factorized(fresh, bad)
+    del bad["head.first.weight"]  # then head is read as dense: its factors are unexpected
+    with pytest.raises(RuntimeError, match='Unexpected key.*"head.second.weight"'):
+        load_factorized(fresh, bad)
+    assert type(fresh.head) is nn.Linear and type(fresh.conv) is nn.Conv2d

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +109,21 @@ def test_hf_trainer_trains_and_saves_optimizer_state(tmp_path):
     assert _rank(model.net[0].weight) < 16
     saved = torch.load(next(tmp_path.rglob("optimizer.pt")), weights_only=False)
     assert saved["proxrank"]["step_count"] == 60
+
+
+@pytest.mark.slow
+def test_gpt2_trainer_example_runs(capsys):
+    """The README's GPT-2 example (HF Trainer, default selection, factorize) in its quick mode."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "gpt2_trainer.py"
+    spec = importlib.util.spec_from_file_location("gpt2_trainer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.warns(UserWarning, match="lm_head.weight shares its tensor with an embedding"):
+        result = module.main(["--quick"])
+    table = capsys.readouterr().out
+    for block in ("attn.c_attn.weight[q]", "attn.c_attn.weight[v]", "mlp.c_fc.weight"):
+        assert f"transformer.h.0.{block}" in table
+    assert math.isfinite(result["dense_loss"]) and math.isfinite(result["factorized_loss"])

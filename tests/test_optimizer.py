@@ -365,13 +365,26 @@ def test_invalid_group_option_set_later_raises_before_any_change():
         ({"lam": "1e-3"}, TypeError, "lam must be a real number"),
         ({"lam": 0.1, "prox": "nuclear"}, ValueError, "prox='nuclear' is not a known prox map"),
         ({"lam": 0.1, "backend": "magic"}, ValueError, "backend='magic' is not a known backend"),
-        ({"lam": 0.1, "include": ["nothing*"]}, ValueError, "no weight matrix to apply the prox"),
     ],
 )
 def test_invalid_options(kwargs, exc, match):
     model = make_model()
     with pytest.raises(exc, match=match):
         proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
+
+
+def test_nothing_selected_warns_and_steps_as_the_base():
+    model, twin = make_model(), make_model()
+    with pytest.warns(UserWarning, match="no weight matrix to apply the prox to"):
+        opt = proxrank.ProxRank(
+            torch.optim.SGD(model.parameters(), lr=0.1), model, lam=5.0, include=["nothing*"]
+        )
+    bare = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for o, m in ((opt, model), (bare, twin)):
+        m(torch.ones(3, 12, dtype=torch.float64)).sum().backward()
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_invalid_arguments():
@@ -386,7 +399,7 @@ def test_invalid_arguments():
             torch.optim.SGD([{"params": model.parameters(), "lam": -2}], lr=0.1), model, lam=0.1
         )
     only_bias = torch.optim.SGD([model[0].bias], lr=0.1)
-    with pytest.raises(ValueError, match="none of the selected parameters"):
+    with pytest.warns(UserWarning, match="none of the selected parameters"):
         proxrank.ProxRank(only_bias, model, lam=0.1)
 
 
