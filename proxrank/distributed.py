@@ -80,7 +80,21 @@ def assign_owners(costs: Sequence[float], world: int) -> list[int]:
     return owners
 
 
-@dataclass(frozen=True)
+def _equal(a: Any, b: Any) -> bool:
+    """Equality of nested state: tensors by value (dtype, shape and entries)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
+            and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
+    return bool(a == b)
+
+
+@dataclass(frozen=True, eq=False)
 class Checkpointed:
     """proxrank's state in a checkpoint as one opaque value. ``ProxRank.state_dict`` puts it in
     ``param_groups[0]["proxrank"]`` (next to the ``"proxrank"`` key, the same object), because
@@ -90,6 +104,12 @@ class Checkpointed:
     matching the shapes of the tensors inside it, which change as ranks move."""
 
     state: dict[str, Any]
+
+    def __eq__(self, other: object) -> bool:
+        """Equal states (tensors compared by value)."""
+        return isinstance(other, Checkpointed) and _equal(self.state, other.state)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 if hasattr(torch.serialization, "add_safe_globals"):  # torch.load(weights_only=True) accepts it
@@ -201,7 +221,7 @@ class Engine:
         if option is not None and not isinstance(option, bool):
             raise TypeError(f"distributed must be None, True or False, got {option!r}")
         sharded = [t for t in targets if is_sharded(t.param)]
-        if option is False:
+        if option is False or not targets:  # nothing to share: no matrix is selected
             if sharded:
                 raise ValueError(
                     f"weight {sharded[0].name!r} is sharded (a DTensor): its prox needs the "
