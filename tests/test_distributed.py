@@ -39,23 +39,27 @@ LR, LAM = 0.05, 2.0
 
 
 class Counting(proxrank.Backend):
-    """The default backend, counting the matrices it is given."""
+    """The default backend, counting the matrices it is given (``count``). Its own state, like
+    a random generator's, advances with the matrices it decomposes (``draws``, checkpointed)."""
 
     name = "counting"
 
     def __init__(self, inner: str = "auto") -> None:
         self.inner = get_backend(inner)
         self.count = 0
+        self.draws = 0
 
     def svd(self, Y, cutoff, state, min_rank=0):
         self.count += Y.shape[0]
+        self.draws += Y.numel()
         return self.inner.svd(Y, cutoff, state, min_rank)
 
     def state_dict(self):
-        return self.inner.state_dict()
+        return {"inner": self.inner.state_dict(), "draws": self.draws}
 
     def load_state_dict(self, state_dict):
-        self.inner.load_state_dict(state_dict)
+        self.inner.load_state_dict(state_dict.get("inner", {}))
+        self.draws = state_dict.get("draws", 0)
 
 
 class FailingOnRank1(proxrank.Backend):
@@ -462,7 +466,7 @@ def test_ddp_shares_the_prox_and_matches_one_process(tmp_path):
     # ranks bit-identical: weights, warm bases, diagnostics
     assert _same(r0["weights"], r1["weights"])
     assert r0["report"] == r1["report"]
-    assert r0["generators"] == r1["generators"]  # the fast backends' probes: rank 0's
+    assert r0["generators"] == r1["generators"]  # the backend's own state: rank 0's
     for a, b in zip(r0["bases"], r1["bases"], strict=True):
         assert (a is None and b is None) or np.array_equal(a, b)
     # the same as one process on the global batch
