@@ -108,11 +108,17 @@ def _weights(model) -> list[np.ndarray]:
     return out
 
 
-def _reference(steps: int, metric: str = "euclidean", backend: str = "auto") -> list[np.ndarray]:
+def _budget() -> proxrank.Schedule:
+    return proxrank.Schedule(budget=0.5, ramp_end=3)
+
+
+def _reference(
+    steps: int, metric: str = "euclidean", backend: str = "auto", **kw: Any
+) -> list[np.ndarray]:
     model = _mlp()
     opt = proxrank.ProxRank(
         torch.optim.AdamW(model.parameters(), lr=LR), model, lam=LAM, metric=metric,
-        backend=backend,
+        backend=backend, **kw,
     )
     _train(model, opt, _data()[:steps])
     return _weights(model)
@@ -170,6 +176,16 @@ def _ddp(rank: int, tmp: Path) -> dict[str, Any]:
     _train(ddp3, opt3, local[:3])
     out["activation"] = _weights(model3)
     out["activation_state"] = [np.asarray(m.metric_state["activation"]) for m in opt3.matrices()]
+
+    # a budget: the same spectra, allocation and ranks on every rank
+    model6 = _mlp()
+    ddp6 = DDP(model6)
+    opt6 = proxrank.ProxRank(
+        torch.optim.AdamW(ddp6.parameters(), lr=LR), ddp6, schedule=_budget(), backend="exact"
+    )
+    _train(ddp6, opt6, local[:4])
+    out["budget"] = _weights(model6)
+    out["budget_ranks"] = [m.schedule_state.get("rank") for m in opt6.matrices()]
 
     # a decomposition failing on rank 1 is raised on every rank; the prox changed nothing
     opt4 = proxrank.ProxRank(
@@ -481,6 +497,10 @@ def test_ddp_shares_the_prox_and_matches_one_process(tmp_path):
     assert _same(r0["activation_state"], r1["activation_state"])
     assert _same(r0["activation"], r1["activation"])
     _close(r0["activation"], _reference(3, metric="activation", backend="exact"))
+    # a budget schedule: ranks agree, and agree with one process
+    assert r0["budget_ranks"] == r1["budget_ranks"] and any(r0["budget_ranks"])
+    assert _same(r0["budget"], r1["budget"])
+    _close(r0["budget"], _reference(4, backend="exact", schedule=_budget()))
     # a failure on one rank is raised on both; the prox wrote nothing (the base step did)
     assert "no convergence here" in r0["error"] and "no convergence here" in r1["error"]
     assert "on rank 1" in r0["error"]
