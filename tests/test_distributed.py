@@ -108,6 +108,30 @@ def _weights(model) -> list[np.ndarray]:
     return out
 
 
+def _encoder() -> nn.TransformerEncoder:
+    """Two encoder layers: attention's in_proj is one parameter of three blocks (q, k, v)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def _sequences() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(2 * WORLD, 5, 16, generator=g),) * 2 for _ in range(3)]
+
+
+def _encoder_run(model, rank: int | None) -> list[np.ndarray]:
+    """SGD (Adam would amplify the rounding of the key bias's zero gradient) with the prox."""
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=LR), model, lam=LAM, backend="exact"
+    )
+    batches = _sequences()
+    if rank is not None:
+        batches = [(x[2 * rank : 2 * rank + 2], y[2 * rank : 2 * rank + 2]) for x, y in batches]
+    _train(model, opt, batches)
+    return _weights(model)
+
+
 def _budget() -> proxrank.Schedule:
     return proxrank.Schedule(budget=0.5, ramp_end=3)
 
@@ -268,6 +292,13 @@ def _fsdp(rank: int, tmp: Path) -> dict[str, Any]:
     )
     _train(model3, opt3, local[:3])
     out["activation"] = _weights(model3)
+
+    # blocks of one parameter (attention's q, k, v) gathered once, on one owner
+    model4 = _encoder()
+    for layer in model4.layers:
+        fully_shard(layer)
+    fully_shard(model4)
+    out["encoder"] = _encoder_run(model4, rank)
 
     # what the sharded engine refuses, each naming the fix
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -525,6 +556,8 @@ def test_fsdp2_shards_the_prox_and_resumes_from_a_distributed_checkpoint(tmp_pat
     assert _same(r0["resumed"], r0["weights"])
     assert _same(r0["activation"], r1["activation"])
     _close(r0["activation"], _reference(3, metric="activation", backend="exact"))
+    assert _same(r0["encoder"], r1["encoder"])
+    _close(r0["encoder"], _encoder_run(_encoder(), None))
     errors = r0["errors"]
     assert errors == r1["errors"]
     assert "NotImplementedError: diagnostics with sharded" in errors["diagnostics"]
