@@ -417,7 +417,7 @@ class Engine:
                 dist.broadcast(buf, dist.get_global_rank(self.group, src), group=self.group)
             nbytes += buf.numel() * buf.element_size()
             for i, piece in zip(idx, buf.split(sizes), strict=True):
-                out[i] = piece.reshape(meta[i][1])
+                out[i] = piece.reshape(meta[i][1]).clone()  # state must not pin the buffer
         return out, nbytes
 
     # -- sharded parameters ----------------------------------------------------------------
