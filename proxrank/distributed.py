@@ -388,16 +388,13 @@ class Engine:
                     other = RuntimeError(f"on rank {r}: {kind.__name__}: {message}")
                 raise other
         outcomes: list[Any] = [None] * len(targets)
-        posted = [  # every owner's broadcasts in flight at once
-            self._broadcast(r, tensors if r == self.rank else None, their_meta)
-            for r, (_, _, their_meta, _) in enumerate(gathered)
-        ]
-        for r, ((_, skel, _, _), (wait, nbytes)) in enumerate(zip(gathered, posted, strict=True)):
+        for r, (_, skel, their_meta, _) in enumerate(gathered):
+            got, nbytes = self._broadcast(r, tensors if r == self.rank else None, their_meta)
             if r == self.rank:
                 sent += nbytes * (self.world - 1)
             else:
                 received += nbytes
-            for j, out in _unpack(skel, wait()).items():
+            for j, out in _unpack(skel, got).items():
                 outcomes[j] = out
         if self.rank != 0:
             backend.load_state_dict(gathered[0][3])
@@ -406,10 +403,9 @@ class Engine:
 
     def _broadcast(
         self, src: int, tensors: list[Tensor] | None, meta: list[tuple[torch.dtype, tuple]]
-    ) -> tuple[Callable[[], list[Tensor]], int]:
-        """Rank ``src``'s tensors on every rank: one asynchronous broadcast per dtype. Returns
-        a function that waits for them and gives the tensors, and the payload's bytes."""
-        posted = []
+    ) -> tuple[list[Tensor], int]:
+        """Rank ``src``'s tensors on every rank: one broadcast per dtype."""
+        out: list[Tensor] = [torch.empty(0)] * len(meta)
         nbytes = 0
         for dtype, idx in _by_dtype(meta).items():
             sizes = [_numel(meta[i][1]) for i in idx]
@@ -417,23 +413,12 @@ class Engine:
                 buf = torch.cat([tensors[i].reshape(-1).to(self.device) for i in idx])
             else:
                 buf = torch.empty(sum(sizes), dtype=dtype, device=self.device)
-            work = None
             if buf.numel():
-                root = dist.get_global_rank(self.group, src)
-                work = dist.broadcast(buf, root, group=self.group, async_op=True)
+                dist.broadcast(buf, dist.get_global_rank(self.group, src), group=self.group)
             nbytes += buf.numel() * buf.element_size()
-            posted.append((idx, sizes, buf, work))
-
-        def wait() -> list[Tensor]:
-            out: list[Tensor] = [torch.empty(0)] * len(meta)
-            for idx, sizes, buf, work in posted:
-                if work is not None:
-                    work.wait()
-                for i, piece in zip(idx, buf.split(sizes), strict=True):
-                    out[i] = piece.reshape(meta[i][1]).clone()  # state must not pin the buffer
-            return out
-
-        return wait, nbytes
+            for i, piece in zip(idx, buf.split(sizes), strict=True):
+                out[i] = piece.reshape(meta[i][1]).clone()  # state must not pin the buffer
+        return out, nbytes
 
     # -- sharded parameters ----------------------------------------------------------------
     def _units(self, targets: Sequence[Target], owners: list[int]) -> dict[int, list[Tensor]]:
