@@ -11,7 +11,7 @@ their modules (``proxrank.metrics``, ``proxrank.backends``, ``proxrank.prox``,
 ``proxrank.selection``, ``proxrank.records``, ``proxrank.diagnostics``, ``proxrank.factorize``).
 """
 
-from . import functional
+from . import functional, recovery
 from .backends import Backend
 from .budget import allocate_ranks
 from .compress import compress
@@ -42,4 +42,5 @@ __all__ = [
     "factorize",
     "functional",
     "load_factorized",
+    "recovery",
 ]

@@ -108,18 +108,17 @@ def _check_lam(value: Any, where: str) -> float:
     return float(value)
 
 
-def _nonfinite(tensors: list[Tensor], engine: Engine | None = None) -> int | None:
-    """Index of the first tensor holding inf/NaN (one host synchronisation; with a sharded
-    ``engine``, on any rank), or ``None``."""
+def _finite(tensors: list[Tensor], engine: Engine | None = None) -> list[bool]:
+    """Whether each tensor (a sparse one: its values) is free of inf/NaN; one synchronisation
+    (with a sharded ``engine``: on every rank, each having checked its shards)."""
     if not tensors:
-        return None
+        return []
     values = [t.coalesce().values() if t.is_sparse else t for t in tensors]
-    finite = torch.stack([torch.isfinite(v).all().to(values[0].device) for v in values])
+    device = values[0].device
+    finite = torch.stack([torch.isfinite(v).all().to(device) for v in values])
     if engine is not None:
         finite = engine.all_ranks(finite)
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0])
+    return finite.tolist()
 
 
 class ProxRank(Optimizer):
@@ -147,8 +146,9 @@ class ProxRank(Optimizer):
 
     Every step is atomic: each error it can raise (bad options, non-finite weights, gradients or
     statistics, a failed decomposition) is raised before any weight or state changes and names
-    the weight. Errors that only the base step can reveal (its output is not finite; with a
-    ``closure``, the gradients) are raised after the base step, before the prox changes anything.
+    the weight. Errors that only the base step can reveal (a failed decomposition; with a
+    ``closure``, non-finite gradients) are raised after the base step, before the prox changes
+    anything; a weight the base step left inf/NaN gets no prox and a warning.
 
     Args:
         optimizer: the base optimizer, already constructed over the model's parameters.
@@ -451,7 +451,7 @@ class ProxRank(Optimizer):
         if work is None:  # with a closure the gradients exist only now
             work = self._prepare(True, grad_scale)
         if self.check_finite:
-            self._raise_if_nonfinite(work.jobs, grads=False, when="after the base optimizer's step")
+            work.jobs = self._without_nonfinite(work.jobs)
         outcomes = self._compute(work.jobs)
         self._commit(work, outcomes)
         if self.tracker is not None:
@@ -496,9 +496,12 @@ class ProxRank(Optimizer):
                 if not rec.matches():
                     work.fresh.add(i)
         active = [i for i in seen if options[self._group_index[i]].lam > 0]
-        if self.check_finite:
-            when = "after the base optimizer's step" if after_base else "before the step"
-            self._raise_if_nonfinite(active, grads=True, when=f"{when} (nothing was changed)")
+        if self.check_finite and not after_base:
+            self._raise_if_nonfinite(active)
+        elif self.check_finite:  # the base step has used them: as a bare optimizer, go on
+            bad = set(self._nonfinite(active, grads=True))
+            seen = [i for i in seen if i not in bad]
+            active = [i for i in active if i not in bad]
         if self.distributed is not None:  # input statistics averaged across ranks
             metrics = [options[g].metric for g in self._group_index]
             for i, upd in self.distributed.prepare(self._records, metrics).items():
@@ -571,25 +574,49 @@ class ProxRank(Optimizer):
         if message is not None:
             raise FloatingPointError(f"{message} (seen in a forward pass; nothing was changed)")
 
-    def _raise_if_nonfinite(self, jobs: list[_Job] | list[int], grads: bool, when: str) -> None:
-        """Raise when a weight (and, with ``grads``, a gradient) that gets the prox is not
-        finite."""
-        tensors, labels = [], []
-        for item in jobs:
-            t = self._records[item.index if isinstance(item, _Job) else item].target
+    def _nonfinite(self, indices: list[int], grads: bool) -> list[int]:
+        """The matrices among ``indices`` whose weight (or, with ``grads``, gradient) holds
+        inf/NaN (one synchronisation)."""
+        tensors, owner = [], []
+        for i in indices:
+            t = self._records[i].target
             tensors.append(finite_operand(t, t.param.detach()))
-            labels.append(f"weight {t.name!r}")
-            if grads and t.param.grad is not None:
-                g = t.param.grad
+            owner.append(i)
+            g = t.param.grad
+            if grads and g is not None:
                 tensors.append(g if g.is_sparse else finite_operand(t, g))
-                labels.append(f"gradient of {t.name!r}")
-        bad = _nonfinite(tensors, self.distributed)
-        if bad is not None:
+                owner.append(i)
+        finite = _finite(tensors, self.distributed)
+        return list(dict.fromkeys(i for i, ok in zip(owner, finite, strict=True) if not ok))
+
+    def _raise_if_nonfinite(self, indices: list[int]) -> None:
+        """Before the step: raise when a weight or gradient that gets the prox is not finite."""
+        for i in self._nonfinite(indices, grads=True):
+            t = self._records[i].target
+            weight = _finite([finite_operand(t, t.param.detach())], self.distributed)
+            what = "weight" if weight == [False] else "gradient of"
             raise FloatingPointError(
-                f"the {labels[bad]} is not finite {when}; no prox was applied. Lower the learning "
-                "rate, clip gradients, or use torch.amp.GradScaler (which skips steps with "
-                "inf/NaN gradients); pass check_finite=False to skip this check"
+                f"the {what} {t.name!r} is not finite before the step (nothing was changed); no "
+                "prox was applied. Lower the learning rate, clip gradients, or use "
+                "torch.amp.GradScaler (which skips steps with inf/NaN gradients); pass "
+                "check_finite=False to skip this check"
             )
+
+    def _without_nonfinite(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs whose weight the base step left finite; the prox leaves the others as the
+        base step left them, as a bare optimizer would (the base step cannot be undone), and a
+        warning names them."""
+        bad = set(self._nonfinite([j.index for j in jobs], grads=False))
+        if not bad:
+            return jobs
+        names = ", ".join(repr(self._records[i].name) for i in sorted(bad))
+        warnings.warn(
+            f"proxrank: the base optimizer's step left {names} not finite; no prox was applied "
+            "to it (lower the learning rate or clip gradients)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return [j for j in jobs if j.index not in bad]
 
     @torch.no_grad()
     def _compute(self, jobs: list[_Job]) -> list[_Outcome]:

@@ -10,16 +10,17 @@ over every parameter of the base's param groups (named parameters: every paramet
 more dims whose matrix has both sides > 1 is selected). Environment:
 
 * ``PROXRANK_LAM``: ``bare`` (default: no wrapping, the reference run) or a number ``>= 0``.
-* ``PROXRANK_EMPTY``: what to do when a test's parameters hold no selectable matrix (only
-  vectors, scalars or ``1 x n`` matrices), where ProxRank refuses to be built: ``bare``
-  (default: that optimizer stays bare; such tests say nothing about the wrapper and are listed
-  in the terminal summary) or ``raise`` (the construction error fails the test).
+
+A test whose parameters hold no selectable matrix (only vectors, scalars or ``1 x n``
+matrices) still gets a ProxRank (it warns and steps as its base); the terminal summary counts
+them.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -31,11 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import proxrank
 
 LAM = os.environ.get("PROXRANK_LAM", "bare")
-EMPTY = os.environ.get("PROXRANK_EMPTY", "bare")
-if EMPTY not in ("bare", "raise"):
-    raise ValueError(f"PROXRANK_EMPTY must be 'bare' or 'raise', got {EMPTY!r}")
 
-#: Per test: how many optimizers were wrapped and how many stayed bare (nothing selectable).
+#: Per test: how many optimizers were wrapped with matrices selected, and with none.
 _built: dict[str, Counter] = {}
 _current = ["<collection>"]
 
@@ -47,14 +45,10 @@ def _wrapping(cls: type, lam: float):
         # a repeated parameter with a warning; ProxRank refuses named duplicates)
         flat = list({id(p): p for group in base.param_groups for p in group["params"]}.values())
         counts = _built.setdefault(_current[0], Counter())
-        try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "no weight matrix": counted below
             opt = proxrank.ProxRank(base, [(f"p{i}", p) for i, p in enumerate(flat)], lam=lam)
-        except ValueError as err:
-            if EMPTY == "raise" or "no weight matrix" not in str(err):
-                raise
-            counts["bare"] += 1
-            return base
-        counts["wrapped"] += 1
+        counts["wrapped" if opt.targets else "bare"] += 1
         return opt
 
     make.__name__ = cls.__name__
@@ -77,7 +71,7 @@ def _track_test(request):
 
 
 def pytest_report_header(config):
-    where = "bare optimizers" if LAM == "bare" else f"ProxRank(lam={LAM}), empty={EMPTY}"
+    where = "bare optimizers" if LAM == "bare" else f"ProxRank(lam={LAM})"
     return f"proxrank torch_suite: {where}"
 
 

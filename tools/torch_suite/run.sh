@@ -13,6 +13,7 @@ fi
 py="${PYTHON:-$root/.venv/bin/python}"
 [[ -x "$py" ]] || py=python3
 out="${OUT:-$(mktemp -d)}"
+mkdir -p "$out"
 configs=("$@")
 [[ ${#configs[@]} -gt 0 ]] || configs=(bare 0 1e-3)
 cd "$here"
