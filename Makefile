@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.proxrank-installed
 
-.PHONY: test demo bench bench-zero-shot bench-schedules bench-recovery lint clean
+.PHONY: test demo bench bench-zero-shot bench-schedules bench-distributed bench-recovery lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +32,10 @@ bench-zero-shot: $(STAMP)
 # accuracy at equal compression: one-shot truncation vs ISVT vs scheduled rank reduction
 bench-schedules: $(STAMP)
 	$(PY) benchmarks/schedules.py
+
+# the prox shared across ranks: per-rank work, time and bytes for 1 and 2 gloo processes
+bench-distributed: $(STAMP)
+	$(PY) benchmarks/distributed.py
 
 # deep linear networks on matrix recovery: original vs compressed (spectral init) vs ProxRank
 bench-recovery: $(STAMP)

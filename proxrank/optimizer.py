@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from .backends import Backend, compute_dtype, get_backend
 from .diagnostics import Diagnostics, ModelDiagnostics
+from .distributed import Checkpointed, Engine, finite_operand, is_sharded
 from .functional import ProxResult, prox_step, rank_prox_step
 from .metrics import Metric, Weighting, get_metric
 from .prox import ProxMap, get_prox
@@ -81,10 +82,22 @@ class _Outcome(NamedTuple):
     """A job's computed prox: ``X`` in weight coordinates (compute dtype), the matrix ``Y`` the
     prox thresholded, the result in metric coordinates, and the backend's new state."""
 
-    X: Tensor
-    Y: Tensor
+    X: Tensor | None
+    Y: Tensor | None
     result: ProxResult
     backend_state: dict[str, Any]
+
+    def shared(self, weights: bool, inputs: bool) -> _Outcome:
+        """What the other ranks need of it (:mod:`proxrank.distributed`): ``S``, ``S_new``,
+        the bound and the backend state; ``X`` with ``weights`` (``None``: the engine writes the
+        weight), ``Y`` with ``inputs`` (diagnostics). ``U``, ``V^T`` and the result in metric
+        coordinates are left empty: nothing after the compute reads them."""
+        svd = self.result.svd
+        empty = svd.S[..., :0]
+        result = ProxResult(empty, svd._replace(U=empty, Vh=empty), self.result.S_new)
+        return _Outcome(
+            self.X if weights else None, self.Y if inputs else None, result, self.backend_state
+        )
 
 
 def _check_lam(value: Any, where: str) -> float:
@@ -95,13 +108,17 @@ def _check_lam(value: Any, where: str) -> float:
     return float(value)
 
 
-def _finite(tensors: list[Tensor]) -> list[bool]:
-    """Whether each tensor (a sparse one: its values) is free of inf/NaN; one synchronisation."""
+def _finite(tensors: list[Tensor], engine: Engine | None = None) -> list[bool]:
+    """Whether each tensor (a sparse one: its values) is free of inf/NaN; one synchronisation
+    (with a sharded ``engine``: on every rank, each having checked its shards)."""
     if not tensors:
         return []
     values = [t.coalesce().values() if t.is_sparse else t for t in tensors]
     device = values[0].device
-    return torch.stack([torch.isfinite(v).all().to(device) for v in values]).tolist()
+    finite = torch.stack([torch.isfinite(v).all().to(device) for v in values])
+    if engine is not None:
+        finite = engine.all_ranks(finite)
+    return finite.tolist()
 
 
 class ProxRank(Optimizer):
@@ -159,6 +176,10 @@ class ProxRank(Optimizer):
             parameter budget, periodic prox, frozen ranks), read from the step count.
         diagnostics: ``True`` or a :class:`proxrank.Diagnostics` to track convergence
             diagnostics (:meth:`diagnostics`, :meth:`report`).
+        distributed: share the prox across the ranks of ``torch.distributed``
+            (:mod:`proxrank.distributed`): ``None`` (default) detects it: sharded (FSDP2)
+            parameters, or an initialised process group of more than one rank; ``False``: every
+            process proxes every matrix itself (replicated parameters only); ``True``: require it.
 
     Example::
 
@@ -181,6 +202,7 @@ class ProxRank(Optimizer):
         metric: str | Metric = "euclidean",
         schedule: Schedule | None = None,
         diagnostics: bool | Diagnostics = False,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -237,6 +259,13 @@ class ProxRank(Optimizer):
         self.tracker = Diagnostics() if diagnostics is True else diagnostics or None
         if self.tracker is not None:
             self.tracker.bind(self)
+        #: The :class:`proxrank.distributed.Engine` sharing the prox across ranks, or ``None``.
+        self.distributed = Engine.detect(
+            self.targets,
+            distributed,
+            tracked=self.tracker is not None,
+            budget=schedule is not None and schedule.budget is not None,
+        )
 
     # -- what is shared with the base optimizer --------------------------------------------
     @property
@@ -456,7 +485,7 @@ class ProxRank(Optimizer):
         metric weighting and schedule decision, each error naming its weight. ``grad_scale``:
         the AMP scale of the gradients (a fused base unscales them itself)."""
         options = self._options()
-        self._raise_input_errors()
+        self._raise_input_errors(options)
         self._sync_input_hooks(options)
         work = _Work(self.step_count + 1)
         seen = []  # matrices with a gradient at this step: statistics, and the prox if lam > 0
@@ -473,6 +502,10 @@ class ProxRank(Optimizer):
             bad = set(self._nonfinite(active, grads=True))
             seen = [i for i in seen if i not in bad]
             active = [i for i in active if i not in bad]
+        if self.distributed is not None:  # input statistics averaged across ranks
+            metrics = [options[g].metric for g in self._group_index]
+            for i, upd in self.distributed.prepare(self._records, metrics).items():
+                work.update(i, "metric", upd)
         states = [self._current(i, "metric", work) for i in range(len(self._records))]
         for i in seen:
             metric = options[self._group_index[i]].metric
@@ -518,7 +551,7 @@ class ProxRank(Optimizer):
         base_state = {
             k: t.view.read(v)
             for k, v in self.optimizer.state.get(t.param, {}).items()
-            if isinstance(v, Tensor) and v.shape == t.param.shape
+            if isinstance(v, Tensor) and v.shape == t.param.shape and not is_sharded(v)
         }
         with _naming(f"weight {t.name!r}"):
             weighting = options.metric.weighting(
@@ -528,13 +561,18 @@ class ProxRank(Optimizer):
             weighting = weighting.to(compute_dtype(t.param.dtype))
         return _Job(index, plan, options.lam, lr, weighting, self._current(index, "backend", work))
 
-    def _raise_input_errors(self) -> None:
+    def _raise_input_errors(self, options: list[_Options]) -> None:
+        """Raise the first input statistic a hook could not store (on every rank: inputs
+        differ per rank)."""
+        message = None
         for rec in self._records:
             if rec.input_error is not None:
-                message, rec.input_error = rec.input_error, None
-                raise FloatingPointError(
-                    f"weight {rec.name!r}: {message} (seen in a forward pass; nothing was changed)"
-                )
+                message, rec.input_error = f"weight {rec.name!r}: {rec.input_error}", None
+                break
+        if self.distributed is not None and any(o.metric.needs_inputs for o in options):
+            message = self.distributed.first_error(message)
+        if message is not None:
+            raise FloatingPointError(f"{message} (seen in a forward pass; nothing was changed)")
 
     def _nonfinite(self, indices: list[int], grads: bool) -> list[int]:
         """The matrices among ``indices`` whose weight (or, with ``grads``, gradient) holds
@@ -542,23 +580,21 @@ class ProxRank(Optimizer):
         tensors, owner = [], []
         for i in indices:
             t = self._records[i].target
-            tensors.append(t.view.read(t.param.detach()))
+            tensors.append(finite_operand(t, t.param.detach()))
             owner.append(i)
             g = t.param.grad
             if grads and g is not None:
-                tensors.append(g if g.is_sparse else t.view.read(g))
+                tensors.append(g if g.is_sparse else finite_operand(t, g))
                 owner.append(i)
-        return list(
-            dict.fromkeys(i for i, ok in zip(owner, _finite(tensors), strict=True) if not ok)
-        )
+        finite = _finite(tensors, self.distributed)
+        return list(dict.fromkeys(i for i, ok in zip(owner, finite, strict=True) if not ok))
 
     def _raise_if_nonfinite(self, indices: list[int]) -> None:
         """Before the step: raise when a weight or gradient that gets the prox is not finite."""
         for i in self._nonfinite(indices, grads=True):
             t = self._records[i].target
-            what = (
-                "weight" if _finite([t.view.read(t.param.detach())]) == [False] else "gradient of"
-            )
+            weight = _finite([finite_operand(t, t.param.detach())], self.distributed)
+            what = "weight" if weight == [False] else "gradient of"
             raise FloatingPointError(
                 f"the {what} {t.name!r} is not finite before the step (nothing was changed); no "
                 "prox was applied. Lower the learning rate, clip gradients, or use "
@@ -585,8 +621,10 @@ class ProxRank(Optimizer):
     @torch.no_grad()
     def _compute(self, jobs: list[_Job]) -> list[_Outcome]:
         """Every job's prox, batched by (prox map, rank target, shape up to transposition,
-        dtype, device), on copies of the backend state; nothing is written. A failure restores
-        the backend's own state (its random generators) and names the weight."""
+        dtype, device), on copies of the backend state; nothing is written (but by a sharded
+        :attr:`distributed` engine, see :meth:`_commit`). Across ranks each rank runs the jobs
+        it owns and receives the others'. A failure restores the backend's own state (its
+        random generators) and names the weight."""
         batches: dict[tuple, list[int]] = {}
         for j, job in enumerate(jobs):
             t = self._records[job.index].target
@@ -603,6 +641,14 @@ class ProxRank(Optimizer):
         outcomes: list[_Outcome | None] = [None] * len(jobs)
         saved = self.backend.state_dict()
         try:
+            if self.distributed is not None:
+                return self.distributed.compute(
+                    [self._records[job.index].target for job in jobs],
+                    list(batches.values()),
+                    lambda members, full: self._run_batch([jobs[j] for j in members], full),
+                    self.backend,
+                    keep_inputs=self.tracker is not None,
+                )
             for members in batches.values():
                 batch = [jobs[j] for j in members]
                 for j, out in zip(members, self._run_batch(batch), strict=True):
@@ -612,15 +658,19 @@ class ProxRank(Optimizer):
             raise
         return outcomes  # type: ignore[return-value]
 
-    def _run_batch(self, batch: list[_Job]) -> list[_Outcome]:
+    def _run_batch(
+        self, batch: list[_Job], full: dict[int, Tensor] | None = None
+    ) -> list[_Outcome]:
         """The prox of same-shape matrices in one backend call: each weight ``W`` (float32 for
-        half precision) mapped into its metric, ``Y = A^{1/2} W B^{1/2}``, tall ones transposed
-        so the batch shares one shape; the results mapped back."""
+        half precision; read from ``full[id(param)]`` when given, a gathered sharded parameter)
+        mapped into its metric, ``Y = A^{1/2} W B^{1/2}``, tall ones transposed so the batch
+        shares one shape; the results mapped back."""
         records = [self._records[job.index] for job in batch]
         Ys = []
         for job, rec in zip(batch, records, strict=True):
             t = rec.target
-            W = t.view.read(t.param.detach()).to(compute_dtype(t.param.dtype))
+            param = (full or {}).get(id(t.param), t.param)
+            W = t.view.read(param.detach()).to(compute_dtype(t.param.dtype))
             Ys.append(W if job.weighting is None else job.weighting.to_metric(W))
         Y = torch.stack([Yi.mT if Yi.shape[0] > Yi.shape[1] else Yi for Yi in Ys])
         states = [job.backend_state for job in batch]
@@ -648,12 +698,16 @@ class ProxRank(Optimizer):
 
     @torch.no_grad()
     def _commit(self, work: _Work, outcomes: list[_Outcome]) -> None:
-        """Write every weight (through its view) and every namespace of state."""
+        """Write every weight (through its view; a sharded engine writes the shards its owners
+        computed) and every namespace of state."""
         for job, out in zip(work.jobs, outcomes, strict=True):
             rec = self._records[job.index]
             if self.tracker is not None:  # before the write-back: W may share p's storage
                 self.tracker.record(self._prox_step(job, out))
-            rec.target.view.write(rec.target.param, out.X)
+            if out.X is not None:
+                rec.target.view.write(rec.target.param, out.X)
+        if self.distributed is not None:
+            self.distributed.commit()
         for i in work.fresh:
             rec = self._records[i]
             rec.shape, rec.backend, rec.metric, rec.schedule = rec.target.shape2d, {}, {}, {}
@@ -727,7 +781,10 @@ class ProxRank(Optimizer):
         """The base optimizer's ``state_dict`` (its ``state`` and ``param_groups`` keys, so that
         tools reading them keep working) with proxrank's own state nested under ``"proxrank"``:
         the step count, the schedule, the backend's random generators and each selected
-        matrix's namespaces, listed in the order of :attr:`targets`."""
+        matrix's namespaces, listed in the order of :attr:`targets`. The first param group
+        carries the same state as a :class:`proxrank.distributed.Checkpointed` under
+        ``"proxrank"``: ``torch.distributed.checkpoint``'s ``get_state_dict`` keeps only the
+        ``state`` and ``param_groups`` keys."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         sd = self.optimizer.state_dict()
@@ -747,6 +804,8 @@ class ProxRank(Optimizer):
         }
         if self.tracker is not None:
             sd["proxrank"]["diagnostics"] = self.tracker.state_dict()
+        if sd["param_groups"]:  # what torch.distributed.checkpoint keeps (the same object)
+            sd["param_groups"][0]["proxrank"] = Checkpointed(sd["proxrank"])
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             sd = sd if out is None else out
@@ -761,7 +820,12 @@ class ProxRank(Optimizer):
             out = hook(self, state_dict)
             state_dict = state_dict if out is None else out
         ours = state_dict.pop("proxrank", None)
-        state_dict["param_groups"] = self._complete_groups(state_dict["param_groups"])
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for group in groups:  # where torch.distributed.checkpoint keeps proxrank's state
+            carried = group.pop("proxrank", None)
+            if ours is None and isinstance(carried, Checkpointed):
+                ours = carried.state
+        state_dict["param_groups"] = self._complete_groups(groups)
         load_diagnostics = None
         if ours is not None:
             step_count = _checkpoint_step(ours.get("step_count"))

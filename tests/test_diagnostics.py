@@ -365,7 +365,11 @@ def test_bad_diagnostics_state_changes_nothing():
     opt.load_state_dict(good)
     assert opt.diagnostics().step == 1
     # a plain base state dict leaves the diagnostics alone
-    opt.load_state_dict({k: v for k, v in before_state.items() if k != "proxrank"})
+    plain = {k: v for k, v in before_state.items() if k != "proxrank"}
+    plain["param_groups"] = [  # the first group carries proxrank's state for DCP too
+        {k: v for k, v in g.items() if k != "proxrank"} for g in plain["param_groups"]
+    ]
+    opt.load_state_dict(plain)
     assert opt.diagnostics().step == 1
 
 
