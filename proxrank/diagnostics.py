@@ -16,6 +16,8 @@ figure                     definition
                            (Roy & Vetterli 2007; 0 for a zero matrix)
 ``nuclear_norm``           ``||X||_* = sum s'_i``
 ``tau``                    the threshold the prox used (``lam * lr``)
+``cutoff``                 the largest singular value the prox maps to zero, ``prox.cutoff(tau)``
+                           (``tau`` soft, ``sqrt(2 tau)`` hard; NaN while a rank target sets it)
 ``energy_removed``         ``(||W||_F^2 - ||X||_F^2) / ||W||_F^2`` (``||X||_F^2 = sum s'_i^2``)
 ``prox_residual``          ``||X - W||_F``: how far the prox moved the weight. At a fixed point
                            of proximal SGD it tends to ``lr ||grad f(W*)||_F``, not to zero.
@@ -155,6 +157,7 @@ class LayerDiagnostics:
     effective_rank: float
     nuclear_norm: float
     tau: float
+    cutoff: float
     energy_removed: float
     prox_residual: float
     grad_mapping_norm: float
@@ -526,6 +529,7 @@ class Diagnostics:
             step=layer.step,
             rank=rank,
             tau=layer.tau,
+            cutoff=layer.cutoff,
             steps_since_rank_change=since,
             steps_below_tol=below,
             factorized_params=rank * (m + n),
@@ -632,7 +636,7 @@ class Diagnostics:
             if name in spectra:
                 before, after = spectra[name]
                 layer = self._layers[name]
-                kept = after[: int(layer.rank)]
+                kept = after[: int(layer.rank)]  # as many as the reported rank
                 ax_spec.semilogy(range(1, len(before) + 1), before, "--", color=color, lw=0.8)
                 ax_spec.semilogy(range(1, len(kept) + 1), kept, "-", color=color, lw=1.2)
                 if math.isfinite(layer.cutoff) and layer.cutoff > 0:

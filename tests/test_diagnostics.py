@@ -631,6 +631,7 @@ def test_reasons_when_only_the_step_count_is_short():
         effective_rank=1.0,
         nuclear_norm=1.0,
         tau=0.1,
+        cutoff=0.1,
         energy_removed=0.0,
         prox_residual=0.0,
         grad_mapping_norm=0.0,
