@@ -11,8 +11,9 @@ nothing is downloaded) the demo
    factors for a few epochs),
 4. prints a before/after table and writes a report folder: ``model.pt`` (the compressed model,
    ``torch.load(path, weights_only=False)``), ``summary.json``, ``ranks.png`` (rank
-   trajectories) and ``spectra.png`` (singular values after the last prox vs the dense
-   baseline's).
+   trajectories) and ``spectra.png`` (singular values before and after the last prox, the
+   threshold, and the dense baseline's). The table's inference time is the median (and IQR)
+   of ``--timing-rounds`` rounds that time the models interleaved, under ``--threads``.
 
 Strength: ``--lam`` (``tau = lam * lr`` at every step), or ``--budget`` (a rank ramp to a
 global parameter budget, ``proxrank.Schedule(budget=...)``); ``--metric`` picks the metric of
