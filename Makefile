@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.proxrank-installed
 
-.PHONY: test demo bench bench-zero-shot bench-schedules bench-distributed bench-recovery lint clean
+.PHONY: test demo bench bench-zero-shot bench-schedules bench-distributed bench-recovery bench-lm lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,10 @@ bench-distributed: $(STAMP)
 # deep linear networks on matrix recovery: original vs compressed (spectral init) vs ProxRank
 bench-recovery: $(STAMP)
 	$(PY) benchmarks/matrix_recovery.py
+
+# character-level GPT-2 on the license texts: truncation + fine-tune vs ProxRank at equal steps
+bench-lm: $(STAMP)
+	$(PY) benchmarks/lm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

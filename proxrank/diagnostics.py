@@ -8,11 +8,16 @@ plus two ``O(mn)`` norms. With ``W`` the weight entering the prox (after the bas
 =========================  =====================================================================
 figure                     definition
 =========================  =====================================================================
-``rank``                   ``#{i : s'_i > 0}``, the rank after the prox
+``rank``                   ``#{i : s'_i > rtol s'_1}``, the rank after the prox counted with
+                           :func:`proxrank.factorize.convert.default_rtol` ``(m, n, dtype)``,
+                           the tolerance :func:`proxrank.factorize` uses: values a decayed
+                           threshold left at rounding-noise level are not rank
 ``effective_rank``         ``exp(H(p))``, ``p_i = s'_i / sum_j s'_j``, ``H(p) = -sum p_i log p_i``
                            (Roy & Vetterli 2007; 0 for a zero matrix)
 ``nuclear_norm``           ``||X||_* = sum s'_i``
 ``tau``                    the threshold the prox used (``lam * lr``)
+``cutoff``                 the largest singular value the prox maps to zero, ``prox.cutoff(tau)``
+                           (``tau`` soft, ``sqrt(2 tau)`` hard; NaN while a rank target sets it)
 ``energy_removed``         ``(||W||_F^2 - ||X||_F^2) / ||W||_F^2`` (``||X||_F^2 = sum s'_i^2``)
 ``prox_residual``          ``||X - W||_F``: how far the prox moved the weight. At a fixed point
                            of proximal SGD it tends to ``lr ||grad f(W*)||_F``, not to zero.
@@ -23,6 +28,7 @@ figure                     definition
                            point); with other bases, the same quantity for their step.
 ``relative_step``          ``||X - X_prev||_F / max(||X||_F, ||X_prev||_F)`` (0 when both are 0)
 ``steps_since_rank_change``  prox steps since ``rank`` last differed from the step before
+``steps_below_tol``        consecutive prox steps (up to now) with ``relative_step <= tol``
 ``factorized_params``      ``rank (m + n)`` against ``dense_params = m n``
 ``backend``, ``error_bound``  read from the matrix's state when a backend writes them
                            (``state["backend"]``, ``state["error_bound"]``); otherwise the
@@ -38,7 +44,12 @@ weight the closure saw, i.e. the previous prox's output, so the first step has n
 **Convergence rule** (:class:`ConvergenceRule`, configurable): a matrix has converged when its
 rank has not changed for ``patience`` prox steps *and* its ``relative_step`` has stayed at or
 below ``tol`` for the last ``patience`` prox steps; the model has converged when every matrix
-recorded at the last step has.
+recorded at the last step has. :meth:`ModelDiagnostics.reasons` names, for a model that has not,
+each matrix that fails and which condition, by how much.
+
+**Loss without a closure.** Under training loops that call ``step()`` without a closure (the HF
+``Trainer``), hand the loss to :meth:`Diagnostics.observe_loss` before the step (the mean of the
+values observed since the last step is used); :class:`proxrank.hf.ProxRankCallback` does it.
 
 **Cost.** Per matrix and step: a handful of reductions over the ``k`` singular values, two
 Frobenius norms (``O(mn)``), no device synchronisation (everything stays a tensor until
@@ -69,6 +80,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .factorize.convert import default_rtol
 from .prox import HardThreshold, SoftThreshold
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,11 +157,13 @@ class LayerDiagnostics:
     effective_rank: float
     nuclear_norm: float
     tau: float
+    cutoff: float
     energy_removed: float
     prox_residual: float
     grad_mapping_norm: float
     relative_step: float
     steps_since_rank_change: int
+    steps_below_tol: int
     factorized_params: int
     dense_params: int
     backend: str
@@ -180,6 +194,38 @@ class ModelDiagnostics:
     def to_dict(self) -> dict[str, Any]:
         """Nested dicts and lists of numbers and strings (JSON-serialisable)."""
         return asdict(self)
+
+    def reasons(self) -> list[str]:
+        """Why the model has not converged: one line per matrix that fails the rule, naming
+        each unmet condition and by how much (empty when converged)."""
+        if not self.layers:
+            return ["no prox step was recorded"]
+        patience, tol = self.rule.patience, self.rule.tol
+        out = []
+        for lay in self.layers:
+            if lay.converged:
+                continue
+            why = []
+            if lay.steps_since_rank_change < patience:
+                why.append(
+                    f"rank {lay.rank} held {lay.steps_since_rank_change} of {patience} steps"
+                )
+            if lay.steps_below_tol < patience:
+                now = lay.relative_step
+                if math.isnan(now):
+                    why.append(
+                        "relative step unknown (no previous output: track_step=False or "
+                        "just resumed)"
+                    )
+                elif now > tol:
+                    why.append(f"relative step {now:.3g} > tol {tol:g} ({now / tol:.3g}x)")
+                else:
+                    why.append(
+                        f"relative step <= tol {tol:g} for {lay.steps_below_tol} of "
+                        f"{patience} steps"
+                    )
+            out.append(f"{lay.name}: " + "; ".join(why))
+        return out
 
 
 class History:
@@ -234,6 +280,7 @@ class _Layer:
         self.name, self.shape = name, shape
         self.step = -1
         self.tau = math.nan
+        self.cutoff = math.nan  # the largest singular value the prox maps to zero
         self.backend = ""
         self.stats: Tensor | None = None
         self.rank: Tensor | None = None
@@ -245,14 +292,17 @@ class _Layer:
         self.prev: Tensor | None = None  # the last output, for the realised step
         self.spectra: tuple[Tensor, Tensor] | None = None  # (before, after)
 
-    _SAVED = ("step", "tau", "backend", "stats", "rank", "norm", "since_rank", "below_tol", "reg")
+    _SAVED = (
+        *("step", "tau", "cutoff", "backend", "stats"),
+        *("rank", "norm", "since_rank", "below_tol", "reg"),
+    )
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._SAVED}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for k in self._SAVED:
-            setattr(self, k, sd[k])
+            setattr(self, k, sd.get(k, math.nan) if k == "cutoff" else sd[k])
         self.reg_in, self.prev, self.spectra = None, None, None
 
 
@@ -307,6 +357,7 @@ class Diagnostics:
         self._owner: weakref.ReferenceType[ProxRank] | None = None
         self._step = 0
         self._loss: Tensor | float | None = None
+        self._observed: list[Tensor | float] = []  # losses handed over since the last step
         self._objective: Tensor | float | None = None
 
     # -- binding -------------------------------------------------------------------------
@@ -347,7 +398,9 @@ class Diagnostics:
         storage)."""
         layer = self._layer(step)
         S_new, X, W, Y = step.S_new, step.X, step.W, step.Y
-        rank = torch.count_nonzero(S_new)
+        # the rank factorize would find: rounding noise a decayed threshold kept is not rank
+        rtol = default_rtol(*step.shape, step.weight_dtype)
+        rank = torch.count_nonzero(S_new > rtol * S_new.amax()) if S_new.numel() else _zero(X)
         # spectral figures are those of the regularised matrix Y (A^{1/2} W B^{1/2} in a metric)
         nuclear = S_new.sum()
         out_sq = S_new.square().sum()
@@ -359,7 +412,7 @@ class Diagnostics:
         step_norm, relative_step = self._realised_step(layer, step, torch.linalg.vector_norm(X))
         nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
 
-        zero = torch.zeros((), dtype=torch.int64, device=X.device)
+        zero = _zero(X)
         if layer.rank is None:
             layer.since_rank = layer.below_tol = zero - 1  # both become 0 below
             layer.rank = rank
@@ -388,6 +441,7 @@ class Diagnostics:
             ]
         )
         layer.tau = float(step.tau)
+        layer.cutoff = float(step.prox.cutoff(step.tau)) if math.isfinite(step.tau) else math.nan
         layer.backend = step.method
         layer.step = self._step
         layer.spectra = (self._spectrum_before(layer, Y, step.S), S_new.detach())
@@ -422,8 +476,25 @@ class Diagnostics:
             return torch.linalg.svdvals(Y)
         return S.detach()
 
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Hand over the training loss ``f(W_t)`` of the coming step when ``step()`` gets no
+        closure (several calls, e.g. one per accumulated micro-batch, are averaged). Kept as a
+        tensor: no synchronisation."""
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"observe_loss needs a scalar loss, got shape {tuple(loss.shape)}")
+            loss = loss.detach().reshape(())
+        elif isinstance(loss, bool) or not isinstance(loss, int | float):
+            raise TypeError(f"observe_loss needs a number or a scalar tensor, got {loss!r}")
+        self._observed.append(loss)
+
     def end_step(self, loss: Any = None) -> None:
-        """Close the step: objective, history, loggers. ``loss`` is what the closure returned."""
+        """Close the step: objective, history, loggers. ``loss`` is what the closure returned
+        (without one, the mean of the losses :meth:`observe_loss` received since the last
+        step)."""
+        observed, self._observed = self._observed, []
+        if loss is None and observed:
+            loss = sum(observed) / len(observed)
         if isinstance(loss, Tensor):
             loss = loss.detach()
             loss = loss.reshape(()) if loss.numel() == 1 else None
@@ -449,7 +520,7 @@ class Diagnostics:
     # -- reading -------------------------------------------------------------------------
     def _layer_view(self, layer: _Layer) -> LayerDiagnostics:
         values = dict(zip(STAT_FIELDS, layer.stats.tolist(), strict=True))
-        since, below = int(layer.since_rank), int(layer.below_tol)
+        since, below = int(layer.since_rank), max(int(layer.below_tol), 0)
         m, n = layer.shape
         rank = int(values.pop("rank"))
         return LayerDiagnostics(
@@ -458,7 +529,9 @@ class Diagnostics:
             step=layer.step,
             rank=rank,
             tau=layer.tau,
+            cutoff=layer.cutoff,
             steps_since_rank_change=since,
+            steps_below_tol=below,
             factorized_params=rank * (m + n),
             dense_params=m * n,
             backend=layer.backend,
@@ -524,11 +597,25 @@ class Diagnostics:
         }
 
     def plot(self, path: str | Path, *, layers: Iterable[str] | None = None) -> Path:
-        """Save a figure to ``path`` (format from its suffix): rank trajectories per matrix
-        (left) and each matrix's latest singular values before (dashed) and after (solid) the
-        prox (right, log scale). Needs matplotlib (``pip install proxrank[demo]``)."""
+        """Save :meth:`figure` to ``path`` (format from its suffix)."""
+        fig = self.figure(layers=layers)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return path
+
+    def figure(self, *, layers: Iterable[str] | None = None) -> Any:
+        """A ``matplotlib.figure.Figure``: rank trajectories per matrix
+        (left) and each matrix's latest singular values (right, log scale): before the prox
+        (dashed), the kept ones after it (solid: as many as ``rank``) and the threshold the prox
+        cut at (dotted horizontal line, ``prox.cutoff(tau)``; absent while a rank target sets
+        it). One colour per matrix (a colour map beyond 10 matrices), the matrix legend outside
+        the axes in columns of at most 16 names. Needs matplotlib
+        (``pip install proxrank[demo]``)."""
         agg = _optional("matplotlib.backends.backend_agg", "Diagnostics.plot", "demo")
-        figure = _optional("matplotlib.figure", "Diagnostics.plot", "demo")
+        mpl_figure = _optional("matplotlib.figure", "Diagnostics.plot", "demo")
+        lines = _optional("matplotlib.lines", "Diagnostics.plot", "demo")
+        colormaps = _optional("matplotlib", "Diagnostics.plot", "demo").colormaps
         traj = self.trajectories()
         spectra = self.spectra()
         names = [n for n in traj if n != "model"] if layers is None else list(layers)
@@ -538,30 +625,40 @@ class Diagnostics:
                 f"layers {unknown} have no recorded diagnostics; choose from "
                 f"{[n for n in traj if n != 'model']}"
             )
-        fig = figure.Figure(figsize=(12, 4.5))
+        columns = max(1, math.ceil(len(names) / 16))
+        fig = mpl_figure.Figure(figsize=(12 + 2.5 * columns, 4.5 + 0.05 * min(len(names), 16)))
         agg.FigureCanvasAgg(fig)
         ax_rank, ax_spec = fig.subplots(1, 2)
+        cmap = colormaps["viridis"]
         for i, name in enumerate(names):
-            color = f"C{i % 10}"
+            color = f"C{i}" if len(names) <= 10 else cmap(i / max(len(names) - 1, 1))
             ax_rank.plot(traj[name]["step"], traj[name]["rank"], color=color, label=name)
             if name in spectra:
                 before, after = spectra[name]
-                ax_spec.semilogy(range(1, len(before) + 1), before, "--", color=color)
-                kept = [s for s in after if s > 0]
-                ax_spec.semilogy(range(1, len(kept) + 1), kept, ".-", color=color, label=name)
+                layer = self._layers[name]
+                kept = after[: int(layer.rank)]  # as many as the reported rank
+                ax_spec.semilogy(range(1, len(before) + 1), before, "--", color=color, lw=0.8)
+                ax_spec.semilogy(range(1, len(kept) + 1), kept, "-", color=color, lw=1.2)
+                if math.isfinite(layer.cutoff) and layer.cutoff > 0:
+                    ax_spec.axhline(layer.cutoff, ls=":", color=color, lw=0.8)
         ax_rank.set(xlabel="step", ylabel="rank after prox", title="rank trajectories")
-        ax_spec.set(
-            xlabel="index i",
-            ylabel="singular value s_i",
-            title="spectra: before prox (dashed), after (solid)",
-        )
+        ax_spec.set(xlabel="index i", ylabel="singular value s_i", title="latest spectra")
+        style = [
+            lines.Line2D([], [], ls="--", color="gray", label="before prox"),
+            lines.Line2D([], [], ls="-", color="gray", label="after prox (kept)"),
+            lines.Line2D([], [], ls=":", color="gray", label="threshold"),
+        ]
+        ax_spec.legend(handles=style, fontsize="small", loc="upper right")
         if names:
-            ax_rank.legend(fontsize="small")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        return path
+            fig.legend(
+                *ax_rank.get_legend_handles_labels(),
+                loc="center right",
+                ncols=columns,
+                fontsize="small" if len(names) <= 16 else "x-small",
+                title="matrix",
+            )
+        fig.tight_layout(rect=(0, 0, 1 - 0.17 * columns * 12 / (12 + 2.5 * columns), 1))
+        return fig
 
     def close(self) -> None:
         """Close every logger."""
@@ -624,6 +721,11 @@ def _optional(module: str, feature: str, extra: str) -> Any:
         ) from exc
 
 
+def _zero(like: Tensor) -> Tensor:
+    """An int64 zero on ``like``'s device."""
+    return torch.zeros((), dtype=torch.int64, device=like.device)
+
+
 def _to_float(x: Any) -> float | None:
     if x is None:
         return None
@@ -633,6 +735,10 @@ def _to_float(x: Any) -> float | None:
 
 def _fmt(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+#: How many not-converged matrices :func:`format_report` names (the rest are counted).
+_MAX_REASONS = 8
 
 
 def format_report(snap: ModelDiagnostics) -> str:
@@ -649,6 +755,7 @@ def format_report(snap: ModelDiagnostics) -> str:
         "||G||",
         "rel.step",
         "rank held",
+        "step held",
         "factorized",
         "backend",
         "err.bound",
@@ -670,6 +777,7 @@ def format_report(snap: ModelDiagnostics) -> str:
                 _fmt(lay.grad_mapping_norm),
                 _fmt(lay.relative_step),
                 str(lay.steps_since_rank_change),
+                str(lay.steps_below_tol),
                 f"{lay.factorized_params}/{lay.dense_params}",
                 lay.backend,
                 _fmt(lay.error_bound),
@@ -681,6 +789,11 @@ def format_report(snap: ModelDiagnostics) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     verdict = "yes" if snap.converged else "no"
     lines.insert(0, f"step {snap.step}  converged: {verdict}  (rule: {snap.rule})")
+    reasons = snap.reasons()
+    for i, reason in enumerate(reasons[:_MAX_REASONS]):
+        lines.insert(1 + i, f"  not converged: {reason}")
+    if len(reasons) > _MAX_REASONS:
+        lines.insert(1 + _MAX_REASONS, f"  ... and {len(reasons) - _MAX_REASONS} more matrices")
     lines.append(
         f"params: {snap.dense_params} dense, {snap.factorized_params} if factorized now "
         f"(compression {snap.compression_ratio:.3g}x)  loss {_fmt(snap.loss)}  "
@@ -689,7 +802,8 @@ def format_report(snap: ModelDiagnostics) -> str:
     lines.append(
         "energy-: share of ||W||_F^2 the prox removed; prox res: ||X - W||_F; ||G||: "
         "||X_t+1 - X_t||_F / lr; rel.step: ||X_t+1 - X_t||_F / ||X||_F; rank held: steps since "
-        "the rank changed; factorized: r(m+n) / mn"
+        "the rank changed; step held: steps with rel.step <= tol; factorized: r(m+n) / mn (rank "
+        "counted with factorize's tolerance)"
     )
     return "\n".join(lines)
 
@@ -723,17 +837,18 @@ def _model_scalars(snap: ModelDiagnostics) -> dict[str, float]:
 
 class CSVLogger(DiagnosticsLogger):
     """One CSV row per matrix and logged step: ``step, layer``, the per-matrix figures, then the
-    model-level ones (repeated on every row of the step)."""
+    model-level ones, prefixed ``model_`` (repeated on every row of the step). Every column name
+    is unique, so ``csv.DictReader`` reads each figure back under its own name."""
 
     LAYER_COLUMNS = tuple(
         f.name for f in fields(LayerDiagnostics) if f.name not in ("name", "shape", "step")
     )
     MODEL_COLUMNS = (
-        "dense_params",
-        "factorized_params",
-        "compression_ratio",
-        "loss",
-        "objective",
+        "model_dense_params",
+        "model_factorized_params",
+        "model_compression_ratio",
+        "model_loss",
+        "model_objective",
         "model_converged",
     )
 
@@ -745,9 +860,14 @@ class CSVLogger(DiagnosticsLogger):
         self._writer.writerow(("step", "layer", *self.LAYER_COLUMNS, *self.MODEL_COLUMNS))
 
     def log(self, snap: ModelDiagnostics) -> None:
-        model = _model_scalars(snap)
-        model["model_converged"] = model.pop("converged")
-        tail = [model[c] for c in self.MODEL_COLUMNS]
+        tail = [
+            snap.dense_params,
+            snap.factorized_params,
+            snap.compression_ratio,
+            "" if snap.loss is None else snap.loss,
+            "" if snap.objective is None else snap.objective,
+            snap.converged,
+        ]
         for lay in snap.layers:
             self._writer.writerow(
                 [snap.step, lay.name, *(getattr(lay, c) for c in self.LAYER_COLUMNS), *tail]

@@ -42,6 +42,10 @@ __all__ = ["ProxRank"]
 GROUP_OPTIONS = ("lam", "prox", "metric")
 
 
+#: Values of ``ProxRank(threshold=...)``: the learning rate that scales ``tau = lam * lr``.
+THRESHOLDS = ("lr", "fixed")
+
+
 class _Options(NamedTuple):
     """A param group's options, resolved."""
 
@@ -180,6 +184,13 @@ class ProxRank(Optimizer):
             (:mod:`proxrank.distributed`): ``None`` (default) detects it: sharded (FSDP2)
             parameters, or an initialised process group of more than one rank; ``False``: every
             process proxes every matrix itself (replicated parameters only); ``True``: require it.
+        threshold: which learning rate scales the threshold ``tau = lam * lr``: ``"lr"``
+            (default) the group's current ``lr``, the proximal gradient step of
+            ``f + lam R``; ``"fixed"`` the group's ``initial_lr`` (the peak rate torch's LR
+            schedulers record; ``lr`` when none did), so ``tau`` does not decay with the
+            schedule: under a decaying rate this is the step of ``f + (tau / lr_t) R``, a
+            regularisation that strengthens as the rate decays and keeps ranks from climbing
+            back.
 
     Example::
 
@@ -203,6 +214,7 @@ class ProxRank(Optimizer):
         schedule: Schedule | None = None,
         diagnostics: bool | Diagnostics = False,
         distributed: bool | None = None,
+        threshold: str = "lr",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -220,6 +232,12 @@ class ProxRank(Optimizer):
             raise TypeError(
                 f"diagnostics must be True, False or a proxrank.Diagnostics, got {diagnostics!r}"
             )
+        if threshold not in THRESHOLDS:
+            raise ValueError(
+                f"threshold must be one of {THRESHOLDS} (tau = lam * lr or lam * initial_lr), "
+                f"got {threshold!r}"
+            )
+        self.threshold = threshold
         torch._C._log_api_usage_once("python.optimizer.proxrank")
         self.optimizer = optimizer
         self.schedule = schedule
@@ -539,12 +557,12 @@ class ProxRank(Optimizer):
         t = rec.target
         group = self.param_groups[self._group_index[index]]
         lr = float(group["lr"])
-        plan: Plan | None = Plan(options.lam * lr, options.prox)
+        tau_lr = float(group.get("initial_lr", lr)) if self.threshold == "fixed" else lr
+        tau = options.lam * tau_lr
+        plan: Plan | None = Plan(tau, options.prox)
         if self.schedule is not None:
             state = self._current(index, "schedule", work)
-            plan, upd = self.schedule.plan(
-                work.step, state, t.shape2d, options.lam * lr, options.prox
-            )
+            plan, upd = self.schedule.plan(work.step, state, t.shape2d, tau, options.prox)
             work.update(index, "schedule", upd)
         if plan is None or (plan.rank is None and plan.tau == 0):
             return None  # no prox, or tau = 0: the identity, left bit for bit

@@ -27,6 +27,7 @@ allocated across layers by :func:`proxrank.budget.allocate_ranks` at the first s
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -36,6 +37,10 @@ import torch
 from .budget import allocate_ranks, budget_size
 from .prox import HardThreshold, ProxMap, SoftThreshold
 from .selection import Target
+
+#: A budget allocation that leaves a matrix below ``1 / TINY_RANK_FRACTION`` of its full rank
+#: warns, naming it (the allocator itself is not sensitivity-aware).
+TINY_RANK_FRACTION = 32
 
 __all__ = ["RAMP_KINDS", "Plan", "Ramp", "Schedule"]
 
@@ -294,6 +299,20 @@ class Schedule:
             cost_weights=_per_layer(self.cost_weights, targets, "cost_weights"),
             min_rank=self.min_rank,
         )
+        tiny = [
+            f"{t.name} -> {r} of {min(t.shape2d)}"
+            for t, r in zip(targets, alloc.ranks, strict=True)
+            if r * TINY_RANK_FRACTION < min(t.shape2d)
+        ]
+        if tiny:
+            warnings.warn(
+                f"proxrank: the budget allocation cuts {len(tiny)} matrices below 1/"
+                f"{TINY_RANK_FRACTION} of their rank ({', '.join(tiny)}); the allocator weighs "
+                "every layer's removed energy alike, so small-scaled layers (e.g. GPT-2's "
+                "residual projections) go first. Raise min_rank= or pass weights= if they "
+                "matter",
+                stacklevel=4,
+            )
         return [{"final_rank": r} for r in alloc.ranks]
 
     def plan(

@@ -14,6 +14,7 @@ from proxrank.cli.demo import (
     QUICK,
     accuracy,
     build_cnn,
+    inference_ms,
     load_digits_split,
     make_optimizer,
     prepare,
@@ -69,6 +70,13 @@ def check_report(out, report, printed):
     assert "rank held" in printed and f"step {report['diagnostics']['step']}" in printed
     verdict = "yes" if report["diagnostics"]["converged"] else "no"
     assert f"converged: {verdict} by the rule" in printed
+    diag = report["diagnostics"]
+    for lay in diag["layers"]:  # every layer that fails the rule is named with its reason
+        if not lay["converged"]:
+            assert f"  {lay['name']}: " in printed
+    for name, result in results.items():
+        assert result["inference_ms"] > 0 and result["inference_iqr_ms"] >= 0, name
+    assert "ms (IQR" in printed
     assert "factorized" in printed and "fewer parameters" in printed
 
 
@@ -215,3 +223,26 @@ def test_bad_options_are_usage_errors(argv, words, tmp_path, capsys):
     for word in words:
         assert word in err
     assert not (tmp_path / "r").exists()
+
+
+def test_inference_timing_is_interleaved_and_restores_modes():
+    calls = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append((self.name, self.training))
+            return x
+
+    models = {"a": Probe("a"), "b": Probe("b"), "c": Probe("c").eval()}
+    out = inference_ms(models, torch.ones(1), rounds=6, warmup=2)
+    assert set(out) == {"a", "b", "c"}
+    assert all(med > 0 and iqr >= 0 for med, iqr in out.values())
+    timed = [name for name, _ in calls[6:]]
+    assert [timed[3 * r] for r in range(6)] == ["a", "b", "c", "a", "b", "c"]  # rotating start
+    assert all(sorted(timed[3 * r : 3 * r + 3]) == ["a", "b", "c"] for r in range(6))
+    assert not any(training for _, training in calls)  # timed in eval mode
+    assert models["a"].training and models["b"].training and not models["c"].training

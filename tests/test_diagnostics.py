@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import proxrank
 from proxrank.backends import Backend, SVDResult
-from proxrank.diagnostics import History
+from proxrank.diagnostics import History, format_report
 
 
 # -- a problem with a closed form: f(W) = 0.5 ||W - Y||_F^2 --------------------------------------
@@ -408,8 +408,14 @@ def test_csv_and_jsonl_read_back(tmp_path):
         assert int(row["step"]) == snap.step and row["layer"] == lay.name
         assert int(row["rank"]) == lay.rank
         assert float(row["nuclear_norm"]) == pytest.approx(lay.nuclear_norm)
-        assert float(row["compression_ratio"]) == pytest.approx(snap.compression_ratio)
-        assert float(row["loss"]) == pytest.approx(snap.loss)
+        assert float(row["model_compression_ratio"]) == pytest.approx(snap.compression_ratio)
+        assert int(row["dense_params"]) == lay.dense_params  # the layer's, not the model's
+        assert int(row["model_dense_params"]) == snap.dense_params
+        assert float(row["model_loss"]) == pytest.approx(snap.loss)
+        assert row["model_converged"] == str(snap.converged)
+    with open(tmp_path / "d.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert len(set(header)) == len(header), header  # DictReader reads every column back
     lines = (tmp_path / "d.jl").read_text().splitlines()
     assert len(lines) == len(logged)
     for line, snap in zip(lines, logged, strict=True):
@@ -572,3 +578,183 @@ def test_loggers_create_their_folder(tmp_path):
         logger = cls(tmp_path / name)
         assert (tmp_path / name).exists()
         logger.close()
+
+
+# -- truthful reports ------------------------------------------------------------------------------
+def test_rank_uses_the_factorize_tolerance_and_agrees_with_factorize():
+    """A decayed threshold leaves rounding-noise singular values: they are not rank, and the
+    diagnostics' "if factorized now" matches what factorize finds."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=False))
+    U, V = torch.randn(40, 4, dtype=torch.float64), torch.randn(4, 48, dtype=torch.float64)
+    W = U @ V
+    noise = torch.randn(40, 48, dtype=torch.float64)
+    W = W + 1e-9 * torch.linalg.matrix_norm(W, 2) * noise / torch.linalg.matrix_norm(noise, 2)
+    with torch.no_grad():
+        model[0].weight.copy_(W.float())
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=1e-6), model, lam=1e-6, diagnostics=True
+    )
+    opt.zero_grad()
+    (0 * model(torch.randn(2, 48)).sum()).backward()
+    opt.step()
+    s_new = torch.linalg.svdvals(model[0].weight.double())
+    assert int((s_new > 0).sum()) == 40  # the prox left every value nonzero (the old count)
+    snap = opt.diagnostics()
+    _, summary = proxrank.factorize(model)
+    assert snap.layers[0].rank == summary.layers[0].rank == 4
+    assert snap.factorized_params == summary.model_params_after
+
+
+def test_reasons_name_layer_condition_and_margin(tmp_path):
+    opt, snaps = mlp_run(tmp_path, steps=4, rule=proxrank.ConvergenceRule(patience=10, tol=1e-9))
+    snap = snaps[-1]
+    reasons = snap.reasons()
+    assert not snap.converged and len(reasons) == len(snap.layers)
+    for reason, lay in zip(reasons, snap.layers, strict=True):
+        assert reason.startswith(f"{lay.name}: ")
+        assert f"held {lay.steps_since_rank_change} of 10 steps" in reason
+        assert f"relative step {lay.relative_step:.3g} > tol 1e-09" in reason
+    report = opt.report()
+    assert all(f"not converged: {r}" in report for r in reasons)
+    # a loose rule: only the matrices that fail it are named
+    _, snaps = mlp_run(tmp_path, steps=8, rule=proxrank.ConvergenceRule(patience=1, tol=1.0))
+    snap = snaps[-1]
+    failing = [lay.name for lay in snap.layers if not lay.converged]
+    assert [r.split(": ")[0] for r in snap.reasons()] == failing
+    assert ("not converged" in format_report(snap)) == bool(failing)
+
+
+def test_reasons_when_only_the_step_count_is_short():
+    rule = proxrank.ConvergenceRule(patience=3, tol=1.0)
+    lay = proxrank.diagnostics.LayerDiagnostics(
+        name="w",
+        shape=(2, 2),
+        step=5,
+        rank=1,
+        effective_rank=1.0,
+        nuclear_norm=1.0,
+        tau=0.1,
+        cutoff=0.1,
+        energy_removed=0.0,
+        prox_residual=0.0,
+        grad_mapping_norm=0.0,
+        relative_step=0.5,
+        steps_since_rank_change=9,
+        steps_below_tol=2,
+        factorized_params=4,
+        dense_params=4,
+        backend="exact",
+        error_bound=0.0,
+        converged=False,
+    )
+    snap = proxrank.diagnostics.ModelDiagnostics(5, [lay], 4, 4, 1.0, None, None, False, rule)
+    assert snap.reasons() == ["w: relative step <= tol 1 for 2 of 3 steps"]
+    lay.relative_step = math.nan
+    assert "relative step unknown" in snap.reasons()[0]
+    assert proxrank.diagnostics.ModelDiagnostics(0, [], 0, 0, 1.0, None, None, False).reasons()
+
+
+def test_observe_loss_gives_loss_and_objective_without_closure():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 4)
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.3, diagnostics=True
+    )
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        opt.zero_grad()
+        losses = [model(x[:4]).square().mean(), model(x[4:]).square().mean()]
+        for loss in losses:
+            (loss / 2).backward()
+            opt.tracker.observe_loss(loss)
+        nuclear = torch.linalg.matrix_norm(model.weight.detach(), "nuc")
+        opt.step()
+        snap = opt.diagnostics()
+        mean = float(sum(loss.detach() for loss in losses) / 2)
+        assert snap.loss == pytest.approx(mean)
+    assert snap.objective == pytest.approx(mean + 0.3 * float(nuclear), rel=1e-5)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()  # nothing observed: no loss, as before
+    assert opt.diagnostics().loss is None
+    with pytest.raises(ValueError, match="scalar"):
+        opt.tracker.observe_loss(torch.ones(2))
+    with pytest.raises(TypeError, match="number"):
+        opt.tracker.observe_loss("1.0")
+
+
+def test_figure_legends_match_what_is_drawn_and_threshold_lines():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(18)])
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.5, diagnostics=True
+    )
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+    fig = opt.tracker.figure()
+    ax_rank, ax_spec = fig.axes
+    (matrix_legend,) = fig.legends
+    names = [t.name for t in opt.targets]
+    assert [t.get_text() for t in matrix_legend.get_texts()] == names
+    assert matrix_legend._ncols == 2  # 18 names: two columns of at most 16
+    colours = {tuple(line.get_color()) for line in ax_rank.get_lines()}
+    assert len(colours) == 18  # a colour map, not 10 colours cycled
+    style = [t.get_text() for t in ax_spec.get_legend().get_texts()]
+    assert style == ["before prox", "after prox (kept)", "threshold"]
+    dotted = [ln for ln in ax_spec.get_lines() if ln.get_linestyle() == ":"]
+    assert len(dotted) == 18 and all(ln.get_ydata()[0] == pytest.approx(0.05) for ln in dotted)
+    solid = [ln for ln in ax_spec.get_lines() if ln.get_linestyle() == "-"]
+    ranks = [lay.rank for lay in opt.diagnostics().layers]
+    assert [len(ln.get_xdata()) for ln in solid] == ranks
+
+
+@pytest.mark.slow
+def test_trainer_callback_logs_diagnostics_and_loss(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from proxrank.hf import ProxRankCallback
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 16, (8, 8))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    opt = proxrank.ProxRank(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), model, lam=0.1, diagnostics=True
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        optimizers=(opt, None),
+        callbacks=[ProxRankCallback(opt)],
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2
+    for entry in logged:
+        assert entry["proxrank/loss"] == pytest.approx(entry["proxrank/loss"])  # a number
+        assert math.isfinite(entry["proxrank/objective"])
+        assert entry["proxrank/objective"] > entry["proxrank/loss"]
+        assert entry["proxrank/compression_ratio"] >= 1
+        assert any(k.startswith("proxrank/rank/") for k in entry)
+    with torch.no_grad():  # the hook is gone after training; evaluation forwards never counted
+        model(input_ids=ids[:2], labels=ids[:2])
+    assert opt.tracker._observed == []
+    with pytest.raises(TypeError, match="ProxRank"):
+        ProxRankCallback(torch.optim.SGD(model.parameters(), lr=0.1))
+    bare = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1)
+    with pytest.raises(ValueError, match="diagnostics=True"):
+        ProxRankCallback(bare)

@@ -11,8 +11,9 @@ nothing is downloaded) the demo
    factors for a few epochs),
 4. prints a before/after table and writes a report folder: ``model.pt`` (the compressed model,
    ``torch.load(path, weights_only=False)``), ``summary.json``, ``ranks.png`` (rank
-   trajectories) and ``spectra.png`` (singular values after the last prox vs the dense
-   baseline's).
+   trajectories) and ``spectra.png`` (singular values before and after the last prox, the
+   threshold, and the dense baseline's). The table's inference time is the median (and IQR)
+   of ``--timing-rounds`` rounds that time the models interleaved, under ``--threads``.
 
 Strength: ``--lam`` (``tau = lam * lr`` at every step), or ``--budget`` (a rank ramp to a
 global parameter budget, ``proxrank.Schedule(budget=...)``); ``--metric`` picks the metric of
@@ -42,7 +43,7 @@ from ..schedules import Schedule
 __all__ = ["add_arguments", "prepare", "run"]
 
 #: Settings ``--quick`` uses (a few seconds, for tests and smoke runs).
-QUICK = {"epochs": 3, "finetune_epochs": 1}
+QUICK = {"epochs": 3, "finetune_epochs": 1, "timing_rounds": 20}
 #: Metrics of ``--metric``; the input-based ones weight nn.Linear layers only, so the demo's
 #: convolutions get the nearest metric that needs no layer inputs (their own param group).
 METRICS = ("euclidean", "fisher", "adam", "activation", "two_sided")
@@ -110,6 +111,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="torch CPU threads (%(default)s: this network is too small to gain from more, and "
         "busy-waiting threads slow down badly on a shared machine; 0: torch's default)",
+    )
+    train.add_argument(
+        "--timing-rounds",
+        type=_number(int, 1),
+        default=200,
+        help="rounds of the inference timing (%(default)s; the models are interleaved in each "
+        "round, the median and IQR reported, under --threads)",
     )
     train.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
     reg = parser.add_argument_group("regularizer")
@@ -301,18 +309,34 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
     return acc
 
 
-def inference_ms(model: nn.Module, X: Tensor, repeats: int = 30) -> float:
-    """Median wall time of ``model(X)`` in eval mode without autograd, in milliseconds."""
-    was_training = model.training
-    model.eval()
-    times = []
+def inference_ms(
+    models: dict[str, nn.Module], X: Tensor, rounds: int = 200, warmup: int = 10
+) -> dict[str, tuple[float, float]]:
+    """Wall time of ``model(X)`` (eval mode, no autograd), in milliseconds, per model: the
+    median and the interquartile range over ``rounds`` rounds after ``warmup`` untimed ones.
+    The models are *interleaved* (each round times every model once, in an order that rotates
+    from round to round), so a slow spell of a shared machine hits all of them alike; the
+    caller fixes the thread count (:func:`run`)."""
+    names = list(models)
+    modes = {name: m.training for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
-        for _ in range(repeats + 2):  # two warm-up calls
-            start = time.perf_counter()
-            model(X)
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return 1e3 * statistics.median(times[2:])
+        for name in names:
+            models[name].eval()
+            for _ in range(warmup):
+                models[name](X)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                start = time.perf_counter()
+                models[name](X)
+                times[name].append(time.perf_counter() - start)
+    for name, mode in modes.items():
+        models[name].train(mode)
+    out = {}
+    for name, t in times.items():
+        q1, med, q3 = statistics.quantiles(t, n=4)
+        out[name] = (1e3 * med, 1e3 * (q3 - q1))
+    return out
 
 
 def train(
@@ -378,7 +402,15 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     rows.append(("parameters", *(f"{results[n]['params']:,}" for n in names)))
     rows.append(("multiply-adds / image", *(f"{results[n]['macs']:,}" for n in names)))
     rows.append(("train wall time", *(f"{results[n]['seconds']:.1f} s" for n in names)))
-    rows.append(("inference, test set", *(f"{results[n]['inference_ms']:.2f} ms" for n in names)))
+    rows.append(
+        (
+            "inference, test set",
+            *(
+                f"{results[n]['inference_ms']:.2f} ms (IQR {results[n]['inference_iqr_ms']:.2f})"
+                for n in names
+            ),
+        )
+    )
     for layer in results[names[0]]["ranks"]:
         rows.append((f"rank {layer}", *(str(results[n]["ranks"][layer]) for n in names)))
     return _table(rows)
@@ -389,16 +421,12 @@ def verdict(snap: ModelDiagnostics) -> str:
     rule, layers = snap.rule, snap.layers
     if not layers:
         return "converged: no (no prox step was recorded)"
-    held = sum(lay.steps_since_rank_change >= rule.patience for lay in layers)
-    steps = [lay.relative_step for lay in layers if not math.isnan(lay.relative_step)]
-    largest = f", largest {max(steps):.2g}" if steps else ""
     n = len(layers)
-    return (
+    head = (
         f"converged: {'yes' if snap.converged else 'no'} by the rule above; "
-        f"{sum(lay.converged for lay in layers)}/{n} layers meet it (rank held >= "
-        f"{rule.patience} steps: {held}/{n}; relative step <= {rule.tol:g} now: "
-        f"{sum(s <= rule.tol for s in steps)}/{n}{largest})"
+        f"{sum(lay.converged for lay in layers)}/{n} layers meet it ({rule})"
     )
+    return "\n".join([head, *(f"  {reason}" for reason in snap.reasons())])
 
 
 def plot_report(out: Path, tracker: Diagnostics, dense: nn.Module, steps_per_epoch: int) -> None:
@@ -411,18 +439,29 @@ def plot_report(out: Path, tracker: Diagnostics, dense: nn.Module, steps_per_epo
     import matplotlib.pyplot as plt
 
     traj = {name: t for name, t in tracker.trajectories().items() if name != "model"}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, t in traj.items():
+    fig, ax = plt.subplots(figsize=(7 + 2 * (len(traj) > 8), 4))
+    cmap = plt.colormaps["viridis"]
+    for i, (name, t) in enumerate(traj.items()):
         epochs = [(step + 1) / steps_per_epoch for step in t["step"]]
-        ax.plot(epochs, t["rank"], label=name)
+        color = f"C{i}" if len(traj) <= 10 else cmap(i / (len(traj) - 1))
+        ax.plot(epochs, t["rank"], label=name, color=color)
     ax.set(xlabel="epoch", ylabel="rank after prox", title="Rank of each layer during training")
     if traj:
-        ax.legend()
+        ax.legend(
+            fontsize="small" if len(traj) <= 8 else "x-small",
+            ncols=max(1, math.ceil(len(traj) / 16)),
+            **({"loc": "center left", "bbox_to_anchor": (1.0, 0.5)} if len(traj) > 8 else {}),
+        )
     fig.tight_layout()
     fig.savefig(out / "ranks.png", dpi=120)
     plt.close(fig)
 
     spectra = tracker.spectra()
+    snap = tracker.snapshot()
+    ranks = {lay.name: lay.rank for lay in snap.layers}
+    cutoffs = {  # the singular value the prox cut at (none while a rank target set it)
+        lay.name: lay.cutoff for lay in snap.layers if math.isfinite(lay.cutoff) and lay.cutoff > 0
+    }
     names = [t.name for t in tracker.optimizer.targets]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
@@ -431,9 +470,20 @@ def plot_report(out: Path, tracker: Diagnostics, dense: nn.Module, steps_per_epo
         ax.semilogy(range(1, len(base) + 1), base, "k-", lw=1, label="dense baseline")
         if name in spectra:
             before, after = spectra[name]
-            kept = [s for s in after if s > 0]
-            ax.semilogy(range(1, len(before) + 1), before, "C0--", lw=1, label="before prox")
-            ax.semilogy(range(1, len(kept) + 1), kept, "C0.-", label=f"kept: rank {len(kept)}")
+            kept = after[: ranks[name]]
+            ax.semilogy(
+                range(1, len(before) + 1),
+                before,
+                "C1-",
+                lw=2.5,
+                alpha=0.5,
+                label="before last prox",
+            )
+            ax.semilogy(
+                range(1, len(kept) + 1), kept, "C0.-", ms=3, label=f"after (kept): rank {len(kept)}"
+            )
+            if name in cutoffs:
+                ax.axhline(cutoffs[name], color="C3", ls=":", lw=1, label="threshold")
         ax.set(title=name, xlabel="index i", ylabel="singular value s_i")
         ax.legend(loc="lower left", fontsize=8)
     fig.suptitle("Singular values after training: ProxRank's last prox vs the dense baseline")
@@ -487,7 +537,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "params": s.model_params_after if factor else s.model_params_before,
             "macs": s.totals("macs")[1 if factor else 0],
             "seconds": seconds,
-            "inference_ms": inference_ms(model, Xte),
             "ranks": {lay.name.removesuffix(".weight"): lay.rank for lay in s.layers},
         }
 
@@ -500,6 +549,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         tune = torch.optim.AdamW(small.parameters(), lr=args.finetune_lr)
         t_tune = train(small, tune, (Xtr, ytr), args.finetune_epochs, args, "fine-tune factors")
         results["+ fine-tuned"] = column(summary, small, t_low + t_tune, True)
+    # one timing per architecture, interleaved; the fine-tuned model is the factorized one's
+    timed = {"dense AdamW": dense, "ProxRank (dense)": low, "factorized": small}
+    timings = inference_ms(timed, Xte, rounds=args.timing_rounds)
+    for name, result in results.items():
+        result["inference_ms"], result["inference_iqr_ms"] = timings.get(
+            name, timings["factorized"]
+        )
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
