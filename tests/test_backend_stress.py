@@ -18,7 +18,13 @@ import math
 import pytest
 import torch
 
-from proxrank.backends import AutoBackend, ExactBackend, GramBackend, SubspaceBackend
+from proxrank.backends import (
+    AutoBackend,
+    ExactBackend,
+    GramBackend,
+    PolarBackend,
+    SubspaceBackend,
+)
 from proxrank.functional import reconstruct
 
 TOL = 1e-4
@@ -41,10 +47,11 @@ def make_backend(name: str):
         "subspace": lambda: SubspaceBackend(tol=TOL),
         "auto": lambda: AutoBackend(tol=TOL),
         "auto-small": lambda: AutoBackend(tol=TOL, min_size=1),
+        "polar": lambda: PolarBackend(tol=TOL),
     }[name]()
 
 
-BACKENDS = ("exact", "gram", "subspace", "auto", "auto-small")
+BACKENDS = ("exact", "gram", "subspace", "auto", "auto-small", "polar")
 
 
 def randint(g: torch.Generator, lo: int, hi: int) -> int:
@@ -185,6 +192,11 @@ def run_case(seed: int, name: str | None = None, big: bool = False) -> None:
 @pytest.mark.parametrize("seed", range(40))
 def test_stress_quick(seed):
     run_case(seed)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_stress_polar(seed):
+    run_case(500 + seed, "polar")
 
 
 @pytest.mark.parametrize("name", BACKENDS)

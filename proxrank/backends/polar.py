@@ -34,6 +34,7 @@ prox on random and adversarial spectra.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ def newton_schulz(floor: float, dtype: torch.dtype) -> list[tuple[float, float]]
     return coeffs
 
 
-def _apply(x: Tensor, coeffs: list[tuple[float, float]]) -> Tensor:
+def _apply(x: Any, coeffs: list[tuple[float, float]]) -> Any:
     """The composed scalar polynomials (elementwise)."""
     for a, b in coeffs:
         x = a * x + b * x * x * x
@@ -94,12 +95,17 @@ def polar_svt(Y: Tensor, tau: Tensor, floor: float = 1e-6) -> tuple[Tensor, Tens
     A = Y.mT if tall else Y
     coeffs = newton_schulz(floor, A.dtype)
     t = torch.as_tensor(tau, dtype=A.dtype, device=A.device).expand(A.shape[:-2])
+    # exact power-of-two scaling to a largest entry in [0.5, 1): no square overflows
+    _, expo = torch.frexp(A.abs().amax((-2, -1)))
+    scale = torch.ldexp(torch.ones_like(t), -expo)
+    A, t = A * scale[..., None, None], t * scale
     Q = polar(A, coeffs)
     M = A - t[..., None, None] * Q
     P = polar(M, coeffs)
     X = 0.5 * (M + (P @ Q.mT) @ M)
     T = Q - (Q @ Q.mT) @ Q  # = U (g - g^3) V^T: the unresolved part of polar(Y)
-    bound = _bound(A, M, T, t, coeffs, floor)
+    bound = _bound(A, M, T, t, coeffs, floor) / scale.double()
+    X = X / scale[..., None, None]
     return (X.mT if tall else X), bound
 
 
@@ -122,7 +128,7 @@ def _bound(
     ny = frobenius2(A).sqrt()
     nm = frobenius2(M).sqrt()
     td = t.double()
-    eps = 1 - _apply(torch.tensor(floor, dtype=torch.float64), coeffs).item()
+    eps = 1 - _apply(floor, coeffs)
     half = GRID // 2
     x = torch.cat(
         [
