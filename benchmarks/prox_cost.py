@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 import proxrank
-from proxrank.backends import get_backend
+from proxrank.backends import AutoBackend, get_backend
 from proxrank.functional import prox_step, svt
 
-BACKENDS = ("exact", "gram", "subspace", "auto")
+BACKENDS = ("exact", "gram", "subspace", "auto", "polar")
+POLAR_CPU_MAX = 512
+"""On a CPU the polar backend (float64 products) is swept up to this size only."""
 
 
 def machine() -> dict:
@@ -111,6 +113,8 @@ def sweep(
             for name in BACKENDS:
                 if name == "subspace" and frac > 0.5:
                     continue  # a block as large as the matrix: not what it is for
+                if name == "polar" and device.type == "cpu" and max(m, n) > POLAR_CPU_MAX:
+                    continue
                 if big and name in ("exact", "gram"):
                     if (m, n, name) not in once:
                         once[m, n, name] = time_backend(name, seq[1:3], 1, device)
@@ -206,6 +210,16 @@ def encoder(d: int, layers: int, seed: int) -> nn.Module:
     )
 
 
+def make(spec: str):
+    """A backend from its name, or ``"auto:key=value,..."`` for AutoBackend options (to run a
+    previous configuration side by side, e.g. ``auto:gram_aspect=2``)."""
+    if ":" not in spec:
+        return get_backend(spec)
+    name, options = spec.split(":", 1)
+    kwargs = {k: float(v) for k, v in (kv.split("=") for kv in options.split(","))}
+    return {"auto": AutoBackend}[name](**kwargs)
+
+
 class StampedAdamW(torch.optim.AdamW):
     """AdamW that stamps the host clock when its step ends (after a device sync): ProxRank
     runs the prox after it, so the clock splits base step and prox."""
@@ -229,7 +243,7 @@ class Timed:
         self.device = next(model.parameters()).device
         self.base = StampedAdamW(model.parameters(), lr=lr)
         sched = proxrank.Schedule(target=target, ramp_end=ramp_end, ramp="linear")
-        self.opt = proxrank.ProxRank(self.base, model, schedule=sched, backend=backend)
+        self.opt = proxrank.ProxRank(self.base, model, schedule=sched, backend=make(backend))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         sync(self.device)
@@ -383,6 +397,12 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.25, help="final rank ratio")
     ap.add_argument("--d", type=int, default=384, help="encoder width")
     ap.add_argument("--batch", type=int, nargs=2, default=(16, 128), help="sequences, tokens")
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help="encoder backends, the reference first (default: exact auto; polar too on cuda)",
+    )
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-growth", action="store_true")
     ap.add_argument("--skip-encoder", action="store_true")
@@ -390,6 +410,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     info = machine()
     info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(" | ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
@@ -422,12 +443,13 @@ def main() -> None:
         print(
             f"\nencoder {layers} x TransformerEncoderLayer({d}, 6, {4 * d}), batch "
             f"{batch[0]}x{batch[1]}, AdamW, linear rank ramp to {args.target:.0%} at step "
-            f"{steps // 2} then frozen; exact and auto side by side"
+            f"{steps // 2} then frozen; backends side by side"
         )
+        names = tuple(args.backends or (("exact", "auto", "polar")[: 3 if cuda else 2]))
         result["encoder"] = enc = encoder_run(
-            d, layers, steps, args.target, batch, 1e-3, device
+            d, layers, steps, args.target, batch, 1e-3, device, names
         )
-        print_encoder(enc, ("exact", "auto"))
+        print_encoder(enc, names)
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out}")
 
