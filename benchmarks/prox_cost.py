@@ -3,15 +3,22 @@
 1. Size sweep: per-step prox time (``prox_step`` through the backend, warm state) for square
    (256..4096) and 1:4 matrices at ranks 5%, 25% and 100% of full, on a matrix sequence that
    drifts a little between steps as weights do in training; relative error of each backend's
-   prox against the float64 exact prox.
-2. Transformer encoder (4 layers, d=384, 6 heads, FFN 1536, batch 16 x 128, AdamW): two copies
-   trained side by side from the same initialisation on the same batches, one with the exact
-   backend and one with ``auto``; per step the prox time as a share of forward + backward +
-   AdamW, split into the full-rank phase and the shrunk phase, and the relative distance of
-   the final weights.
+   prox against the float64 exact prox; the time also in full-size products (the time of one
+   float32 ``m n min(m, n)`` product of that shape: a unit that carries across machines).
+2. Growth: ``auto``'s prox of a square matrix against its size and kept rank, and as a share of
+   that layer's forward + backward at 2048 and 8192 tokens per step.
+3. Transformer encoder (4 x ``nn.TransformerEncoderLayer(384, 6, 1536)``, batch 16 x 128,
+   AdamW; all 24 matrices, ``in_proj_weight`` as three blocks): copies trained side by side
+   from the same initialisation on the same batches, one per backend (the exact one first), a
+   linear rank ramp from full rank to 25% at half the run, then frozen ranks; per step the
+   prox time as a share of forward + backward + AdamW, for the full-rank phase (mean rank ratio
+   above 0.5), the phase at 25% and the whole run, medians and means, and in full-size
+   products of all 24 matrices.
 
-Timings are medians of repeats. Prints a table and writes JSON to ``bench-results/``.
-Run: ``python benchmarks/prox_cost.py`` (``--quick`` for a small smoke run).
+``--device cuda`` runs everything on the GPU (device synchronised around every timing) and adds
+the ``polar`` backend to the encoder run. Timings are medians of repeats. Prints tables and
+writes JSON to ``bench-results/``. Run: ``python benchmarks/prox_cost.py`` (``--quick`` for a
+small smoke run).
 """
 
 from __future__ import annotations
