@@ -22,7 +22,7 @@ from proxrank.backends import (
 )
 from proxrank.functional import prox_step, svt
 
-FAST = ("gram", "subspace", "auto")
+FAST = ("gram", "subspace", "auto", "polar")
 
 
 def make(name: str):
