@@ -115,9 +115,9 @@ def test_auto_uses_gram_when_full_rank_and_subspace_when_low_rank():
     assert state["backend"] == "gram"
     square = spectrum_matrix(40, 40, torch.linspace(9, 2, 40).double(), 0)
     state = warm_state(auto, square, 1.0)
-    assert state["backend"] == "gram"
-    state = warm_state(AutoBackend(min_size=1, gram_aspect=2.0), square, 1.0)
-    assert state["backend"] == "exact"  # squarish: the SVD when asked for
+    assert state["backend"] == "exact"
+    state = warm_state(AutoBackend(min_size=1, gram_aspect=1.0), square, 1.0)
+    assert state["backend"] == "gram"  # the Gram route for squares when asked for
     low = low_rank_plus_noise(seed=3)
     state = warm_state(auto, low, 1.0)
     prox_step(drift(low, 1e-6, 2), 1.0, backend=auto, state=state)

@@ -35,9 +35,8 @@ Backends (``backend=`` of :class:`proxrank.ProxRank`):
 ``"auto"``
     per matrix and step (:class:`~proxrank.backends.planner.AutoPlanner`): while the matrix is
     (nearly) full rank or has no basis yet,
-    ``"gram"`` (float64 eigendecomposition of the smaller Gram matrix: 2-3x cheaper than the
-    float32 SVD, square matrices included; ``gram_aspect`` > 1 keeps the SVD for matrices
-    less oblong than that); ``"subspace"`` once its
+    ``"gram"`` for oblong matrices (long side at least twice the short one) and ``"exact"`` for
+    squarish ones (where the SVD is as cheap as the eigendecomposition); ``"subspace"`` once its
     block is at most ``max_ratio`` of the smaller side; ``"exact"`` for small matrices. A
     Gram result that cannot be certified (values clustered at the cutoff) gets a
     Rayleigh-Ritz round from its eigenvectors before the exact SVD; one batch may mix plans.

@@ -345,7 +345,7 @@ class AutoBackend(CertifiedBackend):
         *,
         max_ratio: float = 0.7,
         min_size: int = 160,
-        gram_aspect: float = 1.0,
+        gram_aspect: float = 2.0,
         iterations: int = 2,
         refresh: int = 100,
         probes: int = 16,
