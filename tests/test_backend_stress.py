@@ -18,7 +18,13 @@ import math
 import pytest
 import torch
 
-from proxrank.backends import AutoBackend, ExactBackend, GramBackend, SubspaceBackend
+from proxrank.backends import (
+    AutoBackend,
+    ExactBackend,
+    GramBackend,
+    PolarBackend,
+    SubspaceBackend,
+)
 from proxrank.functional import reconstruct
 
 TOL = 1e-4
@@ -41,10 +47,12 @@ def make_backend(name: str):
         "subspace": lambda: SubspaceBackend(tol=TOL),
         "auto": lambda: AutoBackend(tol=TOL),
         "auto-small": lambda: AutoBackend(tol=TOL, min_size=1),
+        "polar": lambda: PolarBackend(tol=TOL),
     }[name]()
 
 
 BACKENDS = ("exact", "gram", "subspace", "auto", "auto-small")
+ALL = (*BACKENDS, "polar")  # polar has its own random cases (test_stress_polar)
 
 
 def randint(g: torch.Generator, lo: int, hi: int) -> int:
@@ -187,7 +195,12 @@ def test_stress_quick(seed):
     run_case(seed)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("seed", range(12))
+def test_stress_polar(seed):
+    run_case(500 + seed, "polar")
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_stress_large_matrices(name):
     for seed in range(4):
         run_case(1000 + seed, name, big=True)
@@ -200,7 +213,13 @@ def test_stress_many_batches():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", BACKENDS)
+def test_stress_many_polar_batches():
+    for seed in range(3000, 3400):
+        run_case(seed, "polar")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL)
 def test_stress_many_large_batches(name):
     for seed in range(8):
         run_case(2000 + seed, name, big=True)

@@ -11,10 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import proxrank
-from proxrank.backends import AutoBackend, GramBackend, SubspaceBackend, SVDResult, get_backend
+from proxrank.backends import (
+    AutoBackend,
+    GramBackend,
+    PolarBackend,
+    SubspaceBackend,
+    SVDResult,
+    get_backend,
+    polar_svt,
+)
 from proxrank.functional import prox_step, svt
 
-FAST = ("gram", "subspace", "auto")
+FAST = ("gram", "subspace", "auto", "polar")
 
 
 def make(name: str):
@@ -70,7 +78,7 @@ def test_fast_backends_agree_with_exact_within_bound(m, n, rank_frac, gap, dtype
         slack = 200 * torch.finfo(dtype).eps * max(m, n) * Y.norm().item()
         assert bound <= 1e-4 * Y.norm().item() + slack  # certified or redone exactly
         assert err <= bound + slack
-        assert state["backend"] in ("exact", "gram", "subspace")
+        assert state["backend"] in ("exact", "gram", "subspace", "polar")
         exact_above = int((torch.linalg.svdvals(Y) > cutoff * (1 + 1e-6)).sum())
         assert int((res.svd.S > cutoff).sum()) >= exact_above
 
@@ -108,6 +116,8 @@ def test_auto_uses_gram_when_full_rank_and_subspace_when_low_rank():
     square = spectrum_matrix(40, 40, torch.linspace(9, 2, 40).double(), 0)
     state = warm_state(auto, square, 1.0)
     assert state["backend"] == "exact"
+    state = warm_state(AutoBackend(min_size=1, gram_aspect=1.0), square, 1.0)
+    assert state["backend"] == "gram"  # the Gram route for squares when asked for
     low = low_rank_plus_noise(seed=3)
     state = warm_state(auto, low, 1.0)
     prox_step(drift(low, 1e-6, 2), 1.0, backend=auto, state=state)
@@ -594,3 +604,87 @@ def test_auto_composes_a_planner_with_the_kernels():
     assert "min_size=64" in repr(auto)
     with pytest.raises(ValueError, match="planner"):
         CertifiedBackend("auto")
+
+
+# -- polar (matrix products only) ------------------------------------------------------------
+
+
+def _spectral(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    return (U * s) @ V.T
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    seed=st.integers(0, 2**16),
+    level=st.floats(0.0, 1.2),
+    scale=st.sampled_from([1e-20, 1.0, 1e20]),
+    double=st.booleans(),
+)
+def test_polar_svt_matches_float64_svt_within_its_bound(m, n, seed, level, scale, double):
+    """Random spectra in [0, 1] (some values exactly zero), the threshold anywhere in them:
+    polar_svt is within its bound of the float64 SVT, and the bound is small in float64."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    s = torch.rand(k, generator=g, dtype=torch.float64)
+    s[torch.rand(k, generator=g) < 0.2] = 0
+    Y = _spectral(m, n, s, seed) * scale
+    tau = torch.tensor(level * scale, dtype=torch.float64)
+    ref = svt(Y, tau)
+    dtype = torch.float64 if double else torch.float32
+    X, bound = polar_svt(Y.to(dtype), tau.to(dtype))
+    assert X.shape == Y.shape and X.dtype == dtype and torch.isfinite(X).all()
+    err = float(torch.linalg.matrix_norm(X.double() - ref))
+    assert err <= float(bound) + 1e-6 * float(torch.linalg.matrix_norm(Y))
+    if double:
+        assert float(bound) <= 1e-4 * float(torch.linalg.matrix_norm(Y)) + 1e-300
+
+
+def test_polar_svt_batched_equals_one_by_one():
+    Y = torch.randn(3, 20, 12, dtype=torch.float64)
+    tau = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    X, bound = polar_svt(Y, tau)
+    for i in range(3):
+        Xi, bi = polar_svt(Y[i], tau[i])
+        torch.testing.assert_close(X[i], Xi)
+        torch.testing.assert_close(bound[i], bi)
+        torch.testing.assert_close(X[i], svt(Y[i], tau[i]), atol=1e-9, rtol=0)
+
+
+def test_polar_svt_traces_without_graph_breaks():
+    """No host synchronisation nor data-dependent control flow: one graph."""
+    compiled = torch.compile(polar_svt, fullgraph=True, backend="aot_eager")
+    Y = torch.randn(2, 16, 24, dtype=torch.float64)
+    tau = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    X, bound = compiled(Y, tau)
+    torch.testing.assert_close(X, svt(Y, tau), atol=1e-9, rtol=0)
+    assert torch.isfinite(bound).all()
+
+
+def test_polar_backend_prox_and_fallbacks():
+    Y = _spectral(30, 50, torch.linspace(3, 0.1, 30, dtype=torch.float64), 1).float()
+    states: list[dict] = [{}]
+    out = prox_step(Y[None], 1.0, backend=get_backend("polar"), state=states)
+    assert states[0]["backend"] == "polar" and not states[0]["fallback"]
+    ref = svt(Y.double(), 1.0)
+    assert float((out.X[0].double() - ref).norm()) <= float(states[0]["error_bound"]) + 1e-5
+    # a rank request goes to the exact SVD
+    res = get_backend("polar").svd(Y, torch.tensor(math.inf), {}, min_rank=3)
+    top = torch.linalg.svdvals(Y.double())[:3]
+    torch.testing.assert_close(res.S[:3].double(), top, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("floor", [0.0, 1.0, -1e-3, math.inf])
+def test_polar_rejects_bad_floor(floor):
+    with pytest.raises(ValueError, match="floor"):
+        PolarBackend(floor=floor)
+
+
+def test_polar_rejects_bad_tol():
+    with pytest.raises(ValueError, match="tol"):
+        get_backend("polar", tol=-1.0)

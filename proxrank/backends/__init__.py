@@ -1,6 +1,6 @@
 """Backends: how the singular triplets a prox step needs are computed.
 
-Modules: :mod:`~proxrank.backends.base` (the :class:`Backend` interface), ``exact``,
+Modules: :mod:`~proxrank.backends.base` (the :class:`Backend` interface), ``exact``, ``polar``,
 ``kernels`` (the three methods and their certificates), ``planner`` (which method per
 matrix), ``certified`` (the orchestration shared by the fast backends).
 
@@ -27,6 +27,11 @@ Backends (``backend=`` of :class:`proxrank.ProxRank`):
     the exact SVD).
     The block grows when every Ritz value is above the cutoff and shrinks when many are below;
     every ``refresh`` steps it is rebuilt exactly.
+``"polar"``
+    matrix products only (:mod:`~proxrank.backends.polar`): ``svt(Y, c)`` from two polar
+    factors by scaled Newton-Schulz iterations in float64, then the triplets of the
+    thresholded matrix; for GPUs, where :func:`polar_svt` (no triplets, no host
+    synchronisation, ``torch.compile``-able) is the fused path.
 ``"auto"``
     per matrix and step (:class:`~proxrank.backends.planner.AutoPlanner`): while the matrix is
     (nearly) full rank or has no basis yet,
@@ -96,6 +101,7 @@ from .certified import AutoBackend, CertifiedBackend, GramBackend, SubspaceBacke
 from .exact import ExactBackend
 from .kernels import FAILURE, ROUNDING_LAMBDA
 from .planner import AutoPlanner, GramPlanner, Planner, SubspacePlanner
+from .polar import PolarBackend, polar_svt
 
 __all__ = [
     "FAILURE",
@@ -109,12 +115,14 @@ __all__ = [
     "GramBackend",
     "GramPlanner",
     "Planner",
+    "PolarBackend",
     "SVDResult",
     "State",
     "SubspaceBackend",
     "SubspacePlanner",
     "compute_dtype",
     "get_backend",
+    "polar_svt",
 ]
 
 _BACKENDS: dict[str, type[Backend]] = {
@@ -122,6 +130,7 @@ _BACKENDS: dict[str, type[Backend]] = {
     "gram": GramBackend,
     "subspace": SubspaceBackend,
     "auto": AutoBackend,
+    "polar": PolarBackend,
 }
 
 
@@ -136,7 +145,7 @@ def get_backend(
         return backend
     if isinstance(backend, str) and backend in _BACKENDS:
         cls = _BACKENDS[backend]
-        if issubclass(cls, CertifiedBackend) and tol is not None:
+        if issubclass(cls, CertifiedBackend | PolarBackend) and tol is not None:
             return cls(tol=tol)
         return cls()
     raise ValueError(
