@@ -13,7 +13,7 @@ more steps from that checkpoint (equal total steps ``pretrain + steps``), at eac
   per layer, Euclidean or Fisher-weighted SVD), :func:`proxrank.factorize`, ``steps`` of
   fine-tuning the factors; the zero-shot loss (before fine-tuning) is reported too;
 * ``isvt(lr) / isvt(fixed) + trunc + heal``: ProxRank ISVT (soft prox, constant ``lam``;
-  threshold ``tau = lam * lr`` following the cosine schedule, or ``threshold="fixed"``,
+  threshold ``tau = lam * lr`` following the cosine schedule, or ``tau_lr="initial"``,
   ``tau = lam * peak lr``) for ``steps - heal`` steps, then truncation to the budget and
   ``heal`` steps of fine-tuning the factors;
 * ``isvt-ramp + trunc + heal``: the same with the strength ramped linearly from 0 to ``2 lam``
@@ -205,10 +205,10 @@ def method_run(name: str, dense: nn.Module, cfg: dict, budget: float, data: Data
         schedule = None
         if name.startswith("isvt-ramp"):
             schedule = proxrank.Schedule(lam=proxrank.Ramp(0.0, 2.0, n0=0, n1=steps - heal))
-        threshold = "fixed" if "(fixed)" in name else "lr"
+        tau_lr = "initial" if "(fixed)" in name else "current"
         opt = proxrank.ProxRank(
             torch.optim.AdamW(model.parameters(), lr=LR), model, lam=lam, schedule=schedule,
-            threshold=threshold, diagnostics=True,
+            tau_lr=tau_lr, diagnostics=True,
         )  # fmt: skip
         timing = train(model, opt, steps - heal, batches)
         snap = opt.diagnostics()

@@ -42,8 +42,8 @@ __all__ = ["ProxRank"]
 GROUP_OPTIONS = ("lam", "prox", "metric")
 
 
-#: Values of ``ProxRank(threshold=...)``: the learning rate that scales ``tau = lam * lr``.
-THRESHOLDS = ("lr", "fixed")
+#: Values of ``ProxRank(tau_lr=...)``: the learning rate that scales ``tau = lam * lr``.
+TAU_LRS = ("current", "initial")
 
 
 class _Options(NamedTuple):
@@ -184,9 +184,9 @@ class ProxRank(Optimizer):
             (:mod:`proxrank.distributed`): ``None`` (default) detects it: sharded (FSDP2)
             parameters, or an initialised process group of more than one rank; ``False``: every
             process proxes every matrix itself (replicated parameters only); ``True``: require it.
-        threshold: which learning rate scales the threshold ``tau = lam * lr``: ``"lr"``
+        tau_lr: which learning rate scales the threshold ``tau = lam * lr``: ``"current"``
             (default) the group's current ``lr``, the proximal gradient step of
-            ``f + lam R``; ``"fixed"`` the group's ``initial_lr`` (the peak rate torch's LR
+            ``f + lam R``; ``"initial"`` the group's ``initial_lr`` (the peak rate torch's LR
             schedulers record; ``lr`` when none did), so ``tau`` does not decay with the
             schedule: under a decaying rate this is the step of ``f + (tau / lr_t) R``, a
             regularisation that strengthens as the rate decays and keeps ranks from climbing
@@ -214,7 +214,7 @@ class ProxRank(Optimizer):
         schedule: Schedule | None = None,
         diagnostics: bool | Diagnostics = False,
         distributed: bool | None = None,
-        threshold: str = "lr",
+        tau_lr: str = "current",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -232,12 +232,12 @@ class ProxRank(Optimizer):
             raise TypeError(
                 f"diagnostics must be True, False or a proxrank.Diagnostics, got {diagnostics!r}"
             )
-        if threshold not in THRESHOLDS:
+        if tau_lr not in TAU_LRS:
             raise ValueError(
-                f"threshold must be one of {THRESHOLDS} (tau = lam * lr or lam * initial_lr), "
-                f"got {threshold!r}"
+                f"tau_lr must be one of {TAU_LRS} (tau = lam * lr or lam * initial_lr), "
+                f"got {tau_lr!r}"
             )
-        self.threshold = threshold
+        self.tau_lr = tau_lr
         torch._C._log_api_usage_once("python.optimizer.proxrank")
         self.optimizer = optimizer
         self.schedule = schedule
@@ -557,7 +557,7 @@ class ProxRank(Optimizer):
         t = rec.target
         group = self.param_groups[self._group_index[index]]
         lr = float(group["lr"])
-        tau_lr = float(group.get("initial_lr", lr)) if self.threshold == "fixed" else lr
+        tau_lr = float(group.get("initial_lr", lr)) if self.tau_lr == "initial" else lr
         tau = options.lam * tau_lr
         plan: Plan | None = Plan(tau, options.prox)
         if self.schedule is not None:

@@ -1,4 +1,4 @@
-"""``ProxRank(threshold=...)``: which learning rate scales ``tau = lam * lr``."""
+"""``ProxRank(tau_lr=...)``: which learning rate scales ``tau = lam * lr``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def run(threshold, lam, lr0, decay, steps=3, seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Linear(7, 5, bias=False)
     base = torch.optim.SGD(model.parameters(), lr=lr0)
-    opt = proxrank.ProxRank(base, model, lam=lam, threshold=threshold, diagnostics=True)
+    opt = proxrank.ProxRank(base, model, lam=lam, tau_lr=threshold, diagnostics=True)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=decay)
     x = torch.randn(16, 7)
     out = []
@@ -43,27 +43,27 @@ def run(threshold, lam, lr0, decay, steps=3, seed=0):
     lam=st.floats(0.05, 2.0),
     lr0=st.floats(1e-3, 0.3),
     decay=st.floats(0.1, 0.9),
-    threshold=st.sampled_from(["lr", "fixed"]),
+    threshold=st.sampled_from(["current", "initial"]),
 )
 def test_tau_follows_the_chosen_rate_and_the_step_is_the_exact_prox(lam, lr0, decay, threshold):
     for tau, lr, W, X in run(threshold, lam, lr0, decay):
-        expected = lam * (lr if threshold == "lr" else lr0)
+        expected = lam * (lr if threshold == "current" else lr0)
         assert tau == pytest.approx(expected, rel=1e-12)
         torch.testing.assert_close(X, svt64(W, expected), atol=1e-5, rtol=1e-5)
 
 
-def test_fixed_keeps_tau_while_lr_decays_and_equals_lr_without_a_scheduler():
-    fixed = run("fixed", 0.5, 0.1, 0.2, steps=4)
-    follow = run("lr", 0.5, 0.1, 0.2, steps=4)
+def test_initial_keeps_tau_while_lr_decays_and_equals_current_without_a_scheduler():
+    fixed = run("initial", 0.5, 0.1, 0.2, steps=4)
+    follow = run("current", 0.5, 0.1, 0.2, steps=4)
     assert [t for t, *_ in fixed] == pytest.approx([0.05] * 4)
     assert [t for t, *_ in follow] == pytest.approx([0.05 * 0.2**k for k in range(4)])
-    # no scheduler (no initial_lr): "fixed" is the current lr, bit for bit
+    # no scheduler (no initial_lr): "initial" is the current lr, bit for bit
     results = []
-    for threshold in ("lr", "fixed"):
+    for threshold in ("current", "initial"):
         torch.manual_seed(0)
         model = torch.nn.Linear(6, 6)
         opt = proxrank.ProxRank(
-            torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.3, threshold=threshold
+            torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.3, tau_lr=threshold
         )
         for _ in range(3):
             opt.zero_grad()
@@ -76,6 +76,6 @@ def test_fixed_keeps_tau_while_lr_decays_and_equals_lr_without_a_scheduler():
 def test_unknown_threshold_is_refused_before_anything_changes():
     model = torch.nn.Linear(3, 3)
     base = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"threshold must be one of \('lr', 'fixed'\)"):
-        proxrank.ProxRank(base, model, lam=0.1, threshold="cumulative")
+    with pytest.raises(ValueError, match=r"tau_lr must be one of \('current', 'initial'\)"):
+        proxrank.ProxRank(base, model, lam=0.1, tau_lr="cumulative")
     assert "initial_lr" not in base.param_groups[0]
