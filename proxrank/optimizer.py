@@ -469,7 +469,8 @@ class ProxRank(Optimizer):
         if work is None:  # with a closure the gradients exist only now
             work = self._prepare(True, grad_scale)
         if self.check_finite:
-            work.jobs = self._without_nonfinite(work.jobs)
+            bad = self._skip_nonfinite([j.index for j in work.jobs], grads=False)
+            work.jobs = [j for j in work.jobs if j.index not in bad]
         outcomes = self._compute(work.jobs)
         self._commit(work, outcomes)
         if self.tracker is not None:
@@ -517,7 +518,7 @@ class ProxRank(Optimizer):
         if self.check_finite and not after_base:
             self._raise_if_nonfinite(active)
         elif self.check_finite:  # the base step has used them: as a bare optimizer, go on
-            bad = set(self._nonfinite(active, grads=True))
+            bad = self._skip_nonfinite(active, grads=True)
             seen = [i for i in seen if i not in bad]
             active = [i for i in active if i not in bad]
         if self.distributed is not None:  # input statistics averaged across ranks
@@ -620,21 +621,20 @@ class ProxRank(Optimizer):
                 "check_finite=False to skip this check"
             )
 
-    def _without_nonfinite(self, jobs: list[_Job]) -> list[_Job]:
-        """The jobs whose weight the base step left finite; the prox leaves the others as the
-        base step left them, as a bare optimizer would (the base step cannot be undone), and a
-        warning names them."""
-        bad = set(self._nonfinite([j.index for j in jobs], grads=False))
-        if not bad:
-            return jobs
-        names = ", ".join(repr(self._records[i].name) for i in sorted(bad))
-        warnings.warn(
-            f"proxrank: the base optimizer's step left {names} not finite; no prox was applied "
-            "to it (lower the learning rate or clip gradients)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return [j for j in jobs if j.index not in bad]
+    def _skip_nonfinite(self, indices: list[int], grads: bool) -> set[int]:
+        """After the base step: the matrices among ``indices`` whose weight (or, with
+        ``grads``, gradient) is not finite. The prox leaves them as the base step left them, as
+        a bare optimizer would (the base step cannot be undone), and a warning names them."""
+        bad = set(self._nonfinite(indices, grads=grads))
+        if bad:
+            names = ", ".join(repr(self._records[i].name) for i in sorted(bad))
+            warnings.warn(
+                f"proxrank: the base optimizer's step left {names} not finite; no prox was applied "
+                "to it (lower the learning rate or clip gradients)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return bad
 
     @torch.no_grad()
     def _compute(self, jobs: list[_Job]) -> list[_Outcome]:
