@@ -97,7 +97,7 @@ def _equal(a: Any, b: Any) -> bool:
 @dataclass(frozen=True, eq=False)
 class Checkpointed:
     """proxrank's state in a checkpoint as one opaque value. ``ProxRank.state_dict`` puts it in
-    ``param_groups[0]["proxrank"]`` (next to the ``"proxrank"`` key, the same object), because
+    ``param_groups[-1]["proxrank"]`` (next to the ``"proxrank"`` key, the same object), because
     ``torch.distributed.checkpoint.state_dict.get_state_dict`` keeps only ``state`` and
     ``param_groups`` and keeps a group's extra keys; ``torch.distributed.checkpoint`` saves an
     opaque value whole (pickled once, by rank 0: it is the same on every rank) instead of

@@ -799,7 +799,7 @@ class ProxRank(Optimizer):
         """The base optimizer's ``state_dict`` (its ``state`` and ``param_groups`` keys, so that
         tools reading them keep working) with proxrank's own state nested under ``"proxrank"``:
         the step count, the schedule, the backend's random generators and each selected
-        matrix's namespaces, listed in the order of :attr:`targets`. The first param group
+        matrix's namespaces, listed in the order of :attr:`targets`. The last param group
         carries the same state as a :class:`proxrank.distributed.Checkpointed` under
         ``"proxrank"``: ``torch.distributed.checkpoint``'s ``get_state_dict`` keeps only the
         ``state`` and ``param_groups`` keys."""
@@ -823,7 +823,7 @@ class ProxRank(Optimizer):
         if self.tracker is not None:
             sd["proxrank"]["diagnostics"] = self.tracker.state_dict()
         if sd["param_groups"]:  # what torch.distributed.checkpoint keeps (the same object)
-            sd["param_groups"][0]["proxrank"] = Checkpointed(sd["proxrank"])
+            sd["param_groups"][-1]["proxrank"] = Checkpointed(sd["proxrank"])
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             sd = sd if out is None else out

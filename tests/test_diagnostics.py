@@ -366,7 +366,7 @@ def test_bad_diagnostics_state_changes_nothing():
     assert opt.diagnostics().step == 1
     # a plain base state dict leaves the diagnostics alone
     plain = {k: v for k, v in before_state.items() if k != "proxrank"}
-    plain["param_groups"] = [  # the first group carries proxrank's state for DCP too
+    plain["param_groups"] = [  # the last group carries proxrank's state for DCP too
         {k: v for k, v in g.items() if k != "proxrank"} for g in plain["param_groups"]
     ]
     opt.load_state_dict(plain)

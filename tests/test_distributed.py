@@ -625,7 +625,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 
 def test_state_survives_get_state_dict(tmp_path):
     """``get_state_dict`` keeps only ``state`` and ``param_groups``: proxrank's state rides in
-    the first group, and ``set_state_dict`` restores it."""
+    the last group, and ``set_state_dict`` restores it."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = _mlp()
