@@ -1,0 +1,155 @@
+"""Tensor-train (TT) format of weight matrices: TT-SVD rounding and reconstruction.
+
+A matrix ``W`` of shape ``m x n`` with ``m = m_1 ... m_d`` and ``n = n_1 ... n_d`` is read as a
+``d``-way tensor with mode ``k`` of size ``m_k n_k`` (the "TT-matrix" layout of Novikov et al.,
+2015): ``T[(i_1, j_1), ..., (i_d, j_d)] = W[(i_1 ... i_d), (j_1 ... j_d)]``, row and column
+multi-indices in row-major order. A TT decomposition writes
+
+    T[a_1, ..., a_d] = G_1[:, a_1, :] G_2[:, a_2, :] ... G_d[:, a_d, :]
+
+with cores ``G_k`` of shape ``(r_{k-1}, m_k n_k, r_k)``, ``r_0 = r_d = 1``; ``(r_1, ..., r_{d-1})``
+are the TT ranks, and the cores hold ``sum_k r_{k-1} m_k n_k r_k`` numbers instead of ``m n``.
+
+TT-SVD (Oseledets, 2011) computes the cores by ``d - 1`` truncated SVDs of successive
+unfoldings. Truncating unfolding ``k`` to its ``r_k`` largest singular values gives a tensor of
+TT rank at most ``r`` whose error is at most ``sqrt(sum_k e_k^2)`` where ``e_k`` is the error of
+the best rank-``r_k`` approximation of unfolding ``k`` of ``T``, hence within ``sqrt(d - 1)`` of
+the best TT-rank-``r`` approximation (quasi-optimal). A tensor whose TT ranks are already at
+most ``r`` is reproduced exactly (up to rounding): :func:`tt_round` is idempotent.
+
+Every function accepts leading batch dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "factor_shape",
+    "from_tt_tensor",
+    "to_tt_tensor",
+    "tt_full",
+    "tt_parameters",
+    "tt_round",
+    "tt_svd",
+]
+
+
+def factor_shape(size: int, d: int) -> tuple[int, ...]:
+    """Split ``size`` into ``d`` integer factors as equal as possible (largest first), from its
+    prime factors; a prime ``size`` gives ``(size, 1, ..., 1)``."""
+    if size < 1 or d < 1:
+        raise ValueError(f"factor_shape needs size >= 1 and d >= 1, got size={size}, d={d}")
+    primes, rest, p = [], size, 2
+    while p * p <= rest:
+        while rest % p == 0:
+            primes.append(p)
+            rest //= p
+        p += 1
+    if rest > 1:
+        primes.append(rest)
+    factors = [1] * d
+    for q in sorted(primes, reverse=True):  # greedy: the largest prime onto the smallest factor
+        factors[factors.index(min(factors))] *= q
+    return tuple(sorted(factors, reverse=True))
+
+
+def _check_shapes(m: int, n: int, row_shape: Sequence[int], col_shape: Sequence[int]) -> None:
+    if len(row_shape) != len(col_shape) or not row_shape:
+        raise ValueError(
+            f"row_shape {tuple(row_shape)} and col_shape {tuple(col_shape)} must have the same "
+            "length d >= 1"
+        )
+    if math.prod(row_shape) != m or math.prod(col_shape) != n:
+        raise ValueError(
+            f"a {m} x {n} matrix cannot be read with row_shape {tuple(row_shape)} (product "
+            f"{math.prod(row_shape)}) and col_shape {tuple(col_shape)} (product "
+            f"{math.prod(col_shape)}); the products must be {m} and {n}"
+        )
+
+
+def to_tt_tensor(W: Tensor, row_shape: Sequence[int], col_shape: Sequence[int]) -> Tensor:
+    """``W`` (``..., m, n``) as the tensor ``(..., m_1 n_1, ..., m_d n_d)``."""
+    d, batch = len(row_shape), W.shape[:-2]
+    _check_shapes(W.shape[-2], W.shape[-1], row_shape, col_shape)
+    b = len(batch)
+    T = W.reshape(*batch, *row_shape, *col_shape)
+    order = [*range(b)] + [b + i for k in range(d) for i in (k, d + k)]
+    return T.permute(order).reshape(
+        *batch, *(r * c for r, c in zip(row_shape, col_shape, strict=True))
+    )
+
+
+def from_tt_tensor(T: Tensor, row_shape: Sequence[int], col_shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`to_tt_tensor`: the ``m x n`` matrix of a ``(..., m_1 n_1, ...)``
+    tensor."""
+    d = len(row_shape)
+    batch = T.shape[: T.dim() - d]
+    b = len(batch)
+    pairs = [x for r, c in zip(row_shape, col_shape, strict=True) for x in (r, c)]
+    T = T.reshape(*batch, *pairs)
+    order = [*range(b)] + [b + 2 * k for k in range(d)] + [b + 2 * k + 1 for k in range(d)]
+    return T.permute(order).reshape(*batch, math.prod(row_shape), math.prod(col_shape))
+
+
+def _ranks(max_ranks: int | Sequence[int], d: int) -> list[int]:
+    ranks = [max_ranks] * (d - 1) if isinstance(max_ranks, int) else list(max_ranks)
+    if len(ranks) != d - 1 or any(not isinstance(r, int) or r < 1 for r in ranks):
+        raise ValueError(
+            f"TT ranks must be an int >= 1 or {d - 1} ints >= 1 (one per inner bond of a "
+            f"{d}-way tensor), got {max_ranks!r}"
+        )
+    return ranks
+
+
+def tt_svd(T: Tensor, max_ranks: int | Sequence[int], d: int | None = None) -> list[Tensor]:
+    """TT-SVD of the last ``d`` modes of ``T`` (default: all), each bond truncated to at most
+    ``max_ranks`` (one int for every bond, or one per bond). Returns the cores, shapes
+    ``(..., r_{k-1}, T.shape[k], r_k)``; a bond's rank is also capped by its unfolding's size."""
+    d = T.dim() if d is None else d
+    batch, modes = T.shape[: T.dim() - d], T.shape[T.dim() - d :]
+    ranks = _ranks(max_ranks, d)
+    work_dtype = torch.float64 if T.dtype == torch.float64 else torch.float32
+    C = T.to(work_dtype).reshape(*batch, 1, -1)
+    cores, r_prev = [], 1
+    for k in range(d - 1):
+        C = C.reshape(*batch, r_prev * modes[k], -1)
+        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+        r = min(ranks[k], S.shape[-1])
+        cores.append(U[..., :r].reshape(*batch, r_prev, modes[k], r).to(T.dtype))
+        C = S[..., :r].unsqueeze(-1) * Vh[..., :r, :]
+        r_prev = r
+    cores.append(C.reshape(*batch, r_prev, modes[-1], 1).to(T.dtype))
+    return cores
+
+
+def tt_full(cores: Sequence[Tensor]) -> Tensor:
+    """The tensor ``(..., n_1, ..., n_d)`` of TT cores ``(..., r_{k-1}, n_k, r_k)``."""
+    batch = cores[0].shape[:-3]
+    out = cores[0].reshape(*batch, -1, cores[0].shape[-1])  # (..., n_1, r_1)
+    modes = [cores[0].shape[-2]]
+    for G in cores[1:]:
+        r, n, r_next = G.shape[-3:]
+        out = (out @ G.reshape(*batch, r, n * r_next)).reshape(*batch, -1, r_next)
+        modes.append(n)
+    return out.reshape(*batch, *modes)
+
+
+def tt_round(
+    W: Tensor, row_shape: Sequence[int], col_shape: Sequence[int], max_ranks: int | Sequence[int]
+) -> Tensor:
+    """``W`` (``..., m, n``) rounded to TT rank at most ``max_ranks`` in the TT-matrix layout
+    given by ``row_shape`` and ``col_shape``, by TT-SVD (quasi-optimal, idempotent)."""
+    d = len(row_shape)
+    cores = tt_svd(to_tt_tensor(W, row_shape, col_shape), max_ranks, d)
+    return from_tt_tensor(tt_full(cores), row_shape, col_shape)
+
+
+def tt_parameters(row_shape: Sequence[int], col_shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Numbers held by TT cores with these mode sizes and bond ranks ``(r_1, ..., r_{d-1})``."""
+    r = [1, *ranks, 1]
+    return sum(r[k] * row_shape[k] * col_shape[k] * r[k + 1] for k in range(len(row_shape)))
