@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "default_layout",
     "factor_shape",
     "from_tt_tensor",
     "to_tt_tensor",
@@ -56,6 +57,12 @@ def factor_shape(size: int, d: int) -> tuple[int, ...]:
     for q in sorted(primes, reverse=True):  # greedy: the largest prime onto the smallest factor
         factors[factors.index(min(factors))] *= q
     return tuple(sorted(factors, reverse=True))
+
+
+def default_layout(m: int, n: int, d: int = 3) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The TT-matrix layout used when none is given: ``m`` and ``n`` each split into ``d``
+    near-equal factors (:func:`factor_shape`)."""
+    return factor_shape(m, d), factor_shape(n, d)
 
 
 def _check_shapes(m: int, n: int, row_shape: Sequence[int], col_shape: Sequence[int]) -> None:
