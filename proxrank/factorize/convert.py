@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..selection import Selector, select_targets
 from .layers import SHAPE_ATTRS, Factorized, FactorizedMultiheadAttention
 from .summary import FactorizeSummary, LayerSummary
+from .tolerance import default_rtol, numerical_rank
 
 __all__ = ["default_rtol", "factorize", "load_factorized", "numerical_rank"]
 
@@ -108,24 +109,6 @@ def _blocks(W: Tensor, groups: int, rows: bool) -> list[Tensor]:
         Wj = W[j * og : (j + 1) * og]
         blocks.append(Wj.reshape(og, -1) if rows else Wj.movedim(1, -1).reshape(-1, Wj.shape[1]))
     return blocks
-
-
-def default_rtol(m: int, n: int, dtype: torch.dtype) -> float:
-    """The default relative rank tolerance for an ``m x n`` matrix stored in ``dtype``:
-    ``min(eps(dtype) * sqrt(max(m, n)), 1e-2)``.
-
-    A matrix that ProxRank left at rank ``r`` keeps, after the prox is computed and rounded to
-    ``dtype``, trailing singular values of about ``eps * s_1`` (float32 / float64: the prox's
-    own rounding) or ``0.1 eps * s_1`` (bfloat16: the rounding of the stored weight); the
-    factor ``sqrt(max(m, n))`` leaves a margin as :func:`torch.linalg.matrix_rank` does, and the
-    cap keeps half precision from cutting singular values above 1% of the largest.
-    """
-    return min(torch.finfo(dtype).eps * math.sqrt(max(m, n)), 1e-2)
-
-
-def numerical_rank(S: Tensor, rtol: float, atol: float = 0.0) -> int:
-    """The number of singular values ``S`` (descending) above ``max(atol, rtol * S[0])``."""
-    return int((S > max(atol, rtol * float(S[0]))).sum()) if S.numel() else 0
 
 
 def _plan(unit: _Unit, split: str, rtol: float | None, atol: float) -> _Plan:
