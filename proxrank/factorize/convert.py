@@ -14,9 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from ..selection import Selector, select_targets
+from ..tt import default_layout, tt_parameters
 from .layers import SHAPE_ATTRS, Factorized, FactorizedMultiheadAttention
 from .summary import FactorizeSummary, LayerSummary
+from .prune import PruneResult, prune_units
+from .sparse import SparseLinear
 from .tolerance import default_rtol, numerical_rank
+from .ttlinear import TTLinear, tt_numerical_ranks
+
+#: A TT-matrix layout: ``(row_shape, col_shape)``.
+Layout = tuple[tuple[int, ...], tuple[int, ...]]
 
 __all__ = ["default_rtol", "factorize", "load_factorized", "numerical_rank"]
 
@@ -395,6 +402,19 @@ class _Options:
     atol: float
     min_saving: float
     positions: dict[int, tuple[int, ...]] | None
+    tt: bool | Mapping[str, Layout] = False
+    sparse: str | None = None
+
+
+def _positions(unit: _Unit, opts: _Options) -> tuple[int, int] | None:
+    """The unit's ``(input, output)`` positions: recorded, per position, or None (the
+    example did not reach it)."""
+    if opts.positions is None:
+        return _default_positions(unit)
+    if id(unit.module) in opts.positions:
+        recorded = opts.positions[id(unit.module)]
+        return recorded[unit.slots[0]], recorded[unit.slots[1]]
+    return None
 
 
 def _row(unit: _Unit, opts: _Options, reason: str = "") -> tuple[LayerSummary, _Plan | None]:
@@ -410,10 +430,7 @@ def _row(unit: _Unit, opts: _Options, reason: str = "") -> tuple[LayerSummary, _
     if reason:
         row.reason = reason
         return row, None
-    pos = _default_positions(unit) if opts.positions is None else None
-    if opts.positions is not None and id(unit.module) in opts.positions:
-        recorded = opts.positions[id(unit.module)]
-        pos = recorded[unit.slots[0]], recorded[unit.slots[1]]
+    pos = _positions(unit, opts)
     if pos is not None:
         row.macs_before = row.macs_after = _macs(unit, pos, None)
     n = unit.weight.numel()
@@ -463,7 +480,139 @@ def _convert(
     if unit is None or "weight" not in attrs:
         return rows, None
     row, plan = _row(unit, opts)
+    compact = _compact(unit, opts, row)
+    if compact is not None:
+        return [row, *rows], compact
     return [row, *rows], None if plan is None else _build(unit, plan)
+
+
+def _layout(unit: _Unit, opts: _Options) -> Layout:
+    """The TT-matrix layout of a linear unit: given by name in ``opts.tt`` (when its shape
+    still fits: pruning may have shrunk the layer), else :func:`proxrank.tt.default_layout`."""
+    m, n = unit.weight.shape
+    if isinstance(opts.tt, Mapping):
+        path = unit.name.rpartition(".")[0]
+        for key in (unit.name, path):
+            if key in opts.tt:
+                rows, cols = opts.tt[key]
+                if math.prod(rows) == m and math.prod(cols) == n:
+                    return tuple(rows), tuple(cols)
+    return default_layout(m, n)
+
+
+def _compact(unit: _Unit, opts: _Options, row: LayerSummary) -> nn.Module | None:
+    """A :class:`TTLinear` (``opts.tt``) or :class:`SparseLinear` (``opts.sparse``) for an
+    ``nn.Linear`` weight when it stores fewer numbers than the form ``row`` chose (and saves
+    ``min_saving``); ``row`` is updated. Otherwise None, and ``row.reason`` notes what the
+    other forms would cost and exact zeros left dense."""
+    if not isinstance(unit.module, nn.Linear):
+        return None
+    W, b = unit.weight, unit.bias
+    m, n = W.shape
+    n_bias = 0 if b is None else b.numel()
+    limit = min(row.params_after - n_bias, W.numel() * (1 - opts.min_saving))
+    pos = _positions(unit, opts)
+    notes, choices = [], []
+    if opts.tt is not False:
+        rows, cols = _layout(unit, opts)
+        ranks = tt_numerical_ranks(W, rows, cols, opts.rtol, opts.atol)
+        cost = tt_parameters(rows, cols, ranks)
+        notes.append(f"TT {rows}x{cols} ranks {ranks}: cores would cost {cost} of {m * n}")
+        choices.append((cost, "tt", (rows, cols, ranks)))
+    nnz = int(torch.count_nonzero(W.detach()))
+    stored = 2 * nnz + m + 1
+    if opts.sparse == "csr":
+        notes.append(f"CSR would store {stored} numbers ({nnz} non-zeros) of {m * n}")
+        choices.append((stored, "csr", None))
+    elif nnz < m * n:
+        notes.append(
+            f"{m * n - nnz} of {m * n} weights are zero, left dense (sparse='csr' would store "
+            f"{stored} numbers)"
+        )
+    best = min((c for c in choices if c[0] < limit), default=None, key=lambda c: c[0])
+    if best is None:
+        if notes and not row.factorized:
+            row.reason = "; ".join([row.reason, *notes] if row.reason else notes)
+        return None
+    cost, form, layout = best
+    row.factorized, row.split, row.reason = True, form, ""
+    if form == "tt":
+        new = TTLinear.from_dense(W, b, layout[0], layout[1], ranks=layout[2])
+        row.tt_ranks, row.params_after = new.ranks, new.parameters_count() + n_bias
+        row.macs_after = None if pos is None else new.macs(pos[0])
+    else:
+        new = SparseLinear.from_dense(W, b)
+        row.nnz, row.params_after = nnz, nnz + n_bias
+        row.macs_after = None if pos is None else nnz * pos[0]
+    return new.train(unit.module.training)
+
+
+def _check_forms(
+    model: nn.Module,
+    targets: list[Any],
+    prune: object,
+    tt: object,
+    sparse: object,
+) -> None:
+    """Check ``prune``, ``tt`` (every named layout fits a selected ``nn.Linear`` weight) and
+    ``sparse``, before anything changes."""
+    if not isinstance(prune, bool):
+        raise TypeError(f"prune must be True or False, got {prune!r}")
+    if sparse not in (None, "csr"):
+        raise ValueError(f"sparse must be None or 'csr', got {sparse!r}")
+    if isinstance(tt, bool):
+        return
+    if not isinstance(tt, Mapping):
+        raise TypeError(
+            "tt must be True / False or a mapping from a weight's (or its layer's) name to its "
+            f"TT-matrix layout (row_shape, col_shape); got {type(tt).__name__}"
+        )
+    linears = {}
+    for t in targets:
+        path, _, attr = t.param_name.rpartition(".")
+        module = model.get_submodule(path)
+        if attr == "weight" and isinstance(module, nn.Linear):
+            linears[t.param_name] = linears[path] = tuple(t.param.shape)
+    for key, layout in tt.items():
+        if key not in linears:
+            raise ValueError(
+                f"tt names {key!r}, which is not a selected nn.Linear weight (or its layer); "
+                f"selected: {sorted(linears)}"
+            )
+        m, n = linears[key]
+        ok = isinstance(layout, Sequence) and len(layout) == 2
+        rows, cols = layout if ok else ((), ())
+        ok = ok and all(isinstance(s, Sequence) and s for s in (rows, cols))
+        ok = ok and len(rows) == len(cols) and all(
+            isinstance(k, int) and k >= 1 for k in (*rows, *cols)
+        )
+        if not ok or math.prod(rows) != m or math.prod(cols) != n:
+            raise ValueError(
+                f"tt[{key!r}] = {layout!r} is not a TT-matrix layout of the {m} x {n} weight: "
+                f"give (row_shape, col_shape) of equal length with products {m} and {n}, e.g. "
+                f"{default_layout(m, n)}"
+            )
+
+
+def _report_pruning(
+    rows: list[LayerSummary], path: str, module: nn.Module, pruning: PruneResult
+) -> None:
+    """Put what structured pruning did to the layer at ``path`` into its weight's row."""
+    name = f"{path}.weight" if path else "weight"
+    for row in rows:
+        if row.name != name:
+            continue
+        before, after = pruning.shapes.get(path, (row.shape, row.shape))
+        if before != after:
+            pruned, n_before = math.prod(after), math.prod(before)
+            bias = 0 if module.bias is None else before[0]
+            row.shape, row.shape_after = before, after
+            row.params_before = n_before + bias
+            if row.macs_before is not None:
+                row.macs_before = row.macs_before // pruned * n_before
+        note = pruning.reason(path, module.weight)
+        if note:
+            row.reason = f"{row.reason}; {note}" if row.reason else note
 
 
 def factorize(
@@ -476,6 +625,9 @@ def factorize(
     atol: float = 0.0,
     min_saving: float = 0.0,
     example_inputs: Any = None,
+    prune: bool = True,
+    tt: bool | Mapping[str, tuple[Sequence[int], Sequence[int]]] = False,
+    sparse: str | None = None,
 ) -> tuple[nn.Module, FactorizeSummary]:
     r"""Replace every selected low-rank layer by a smaller one that computes the same function.
 
@@ -527,9 +679,15 @@ def factorize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_options(rtol, atol, min_saving)
+    _check_forms(model, select_targets(model, include, exclude), prune, tt, sparse)
     if not inplace:
         model = copy.deepcopy(model)
     summary = FactorizeSummary(model_params_before=_count_params(model))
+    pruning = None
+    if prune:
+        weights = [t.param_name for t in select_targets(model, include, exclude)]
+        selected_paths = {w.rpartition(".")[0] for w in weights if w.rpartition(".")[2] == "weight"}
+        pruning = prune_units(model, selected_paths)
     targets = select_targets(model, include, exclude)
     paths: dict[int, list[str]] = {}
     owners: dict[int, dict[int, tuple[nn.Module, str]]] = {}
@@ -558,7 +716,7 @@ def factorize(
         if isinstance(m, nn.MultiheadAttention) or _layer_unit(m, "") is not None
     ]
     positions = None if example_inputs is None else _record_positions(model, known, example_inputs)
-    opts = _Options(rtol, atol, min_saving, positions)
+    opts = _Options(rtol, atol, min_saving, positions, tt, sparse)
     for what, item in order:
         if what == "row":
             summary.layers.append(item)
@@ -566,6 +724,8 @@ def factorize(
         module, attrs = selected[item]
         path = paths[id(module)][0]
         rows, new = _convert(module, f"{path}." if path else "", attrs, opts)
+        if pruning is not None and _layer_unit(module, "") is not None:
+            _report_pruning(rows, path, module, pruning)
         summary.layers.extend(rows)
         if new is not None:
             model = _replace(model, paths[id(module)], new)

@@ -19,10 +19,19 @@ class LayerSummary:
     the rank of its matrix view; ``kind`` the owning module's class. ``macs_*`` are the
     multiply-adds of the block for one forward pass over ``example_inputs`` (or per position when
     no example was given; ``None`` when the example did not reach the layer, and for layers left
-    dense by kind). ``split`` is ``"linear"``, ``"kernel-first"`` or ``"pointwise-first"``, or
-    ``None`` for a block left dense, and then ``reason`` says why. ``rank`` is ``-1`` for a
-    selected weight that cannot be factorized (a kind factorize does not know, or tied).
-    ``params_*`` count the block's weight and its share of the bias.
+    dense by kind). ``split`` is the form the weight now has: ``"linear"``, ``"kernel-first"``
+    or ``"pointwise-first"`` (two low-rank factors), ``"tt"`` (a :class:`TTLinear`, TT ranks in
+    ``tt_ranks``), ``"csr"`` (a :class:`SparseLinear` holding ``nnz`` non-zeros; its
+    ``params_after`` counts the values, the CSR form also stores ``nnz`` column indices and
+    ``m + 1`` row pointers), or ``None`` for a block left dense, and then ``reason`` says why.
+    ``rank`` is ``-1`` for a selected weight that cannot be factorized (a kind factorize does
+    not know, or tied). ``params_*`` count the block's weight and its share of the bias.
+
+    Structured pruning (zero units removed, :mod:`proxrank.factorize.prune`): ``shape`` is the
+    weight's shape before, ``shape_after`` the shape of the dense weight after (``None``: not
+    pruned); ``rank`` and the factorized form are those of the pruned weight; ``params_before``
+    and ``macs_before`` are the unpruned layer's. ``reason`` also says why zero units that are
+    still there were kept, and notes unstructured zeros left dense.
     """
 
     name: str
@@ -37,6 +46,27 @@ class LayerSummary:
     macs_before: int | None
     macs_after: int | None
     reason: str = ""
+    shape_after: tuple[int, ...] | None = None
+    tt_ranks: tuple[int, ...] | None = None
+    nnz: int | None = None
+
+    @property
+    def form(self) -> str:
+        """The weight's form for the table: ``dense``, the low-rank split, ``tt(r_1,...)`` or
+        ``csr(nnz=...)``."""
+        if self.split == "tt":
+            return f"tt{self.tt_ranks}".replace(" ", "")
+        if self.split == "csr":
+            return f"csr(nnz={self.nnz})"
+        return self.split or "dense"
+
+    @property
+    def matrix(self) -> str:
+        """``shape`` (``-> shape_after`` when pruned) for the table."""
+        text = "x".join(map(str, self.shape))
+        if self.shape_after is not None:
+            text += " -> " + "x".join(map(str, self.shape_after))
+        return text
 
 
 @dataclass
@@ -74,7 +104,7 @@ class FactorizeSummary:
         }
 
     def __str__(self) -> str:
-        head = ("layer", "kind", "matrix", "rank", "split", "params", "MACs", "note")
+        head = ("layer", "kind", "matrix", "rank", "form", "params", "MACs", "note")
         rows = [head]
         for lay in self.layers:
             macs = "-" if lay.macs_before is None else f"{lay.macs_before} -> {lay.macs_after}"
@@ -82,9 +112,9 @@ class FactorizeSummary:
                 (
                     lay.name,
                     lay.kind,
-                    "x".join(map(str, lay.shape)),
+                    lay.matrix,
                     f"{lay.rank}/{lay.full_rank}",
-                    lay.split or "dense",
+                    lay.form,
                     f"{lay.params_before} -> {lay.params_after}",
                     macs,
                     lay.reason,
