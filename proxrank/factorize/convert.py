@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from ..selection import Selector, select_targets
 from ..tt import default_layout, tt_parameters
 from .layers import SHAPE_ATTRS, Factorized, FactorizedMultiheadAttention
-from .summary import FactorizeSummary, LayerSummary
 from .prune import PruneResult, prune_units
 from .sparse import SparseLinear
+from .summary import FactorizeSummary, LayerSummary
 from .tolerance import default_rtol, numerical_rank
 from .ttlinear import TTLinear, tt_numerical_ranks
 
@@ -583,8 +583,10 @@ def _check_forms(
         ok = isinstance(layout, Sequence) and len(layout) == 2
         rows, cols = layout if ok else ((), ())
         ok = ok and all(isinstance(s, Sequence) and s for s in (rows, cols))
-        ok = ok and len(rows) == len(cols) and all(
-            isinstance(k, int) and k >= 1 for k in (*rows, *cols)
+        ok = (
+            ok
+            and len(rows) == len(cols)
+            and all(isinstance(k, int) and k >= 1 for k in (*rows, *cols))
         )
         if not ok or math.prod(rows) != m or math.prod(cols) != n:
             raise ValueError(

@@ -25,6 +25,7 @@ each layer is kept.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -208,9 +209,7 @@ def _sliced(mod: nn.Module, keep: Tensor, dim: int) -> nn.Module:
     (``dim`` 0) keeping the units ``keep``."""
     kw = {"device": keep.device}
     if type(mod) in _NORMS:
-        new = type(mod)(
-            len(keep), mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **kw
-        )
+        new = type(mod)(len(keep), mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **kw)
         tensors = [(new, mod, name) for name in ("weight", "bias", "running_mean", "running_var")]
     else:
         W = mod.weight
@@ -328,7 +327,7 @@ def prune_units(model: nn.Module, selected: set[str]) -> PruneResult:
             continue
         result.note(chain[layers[0]].path, "cols", "its input comes from outside the chain")
         result.note(chain[layers[-1]].path, "rows", "its output leaves the chain")
-        for a, b in zip(layers, layers[1:], strict=False):
+        for a, b in itertools.pairwise(layers):
             reason = _pair_reason(chain, a, b, shared)
             if reason:
                 result.note(chain[a].path, "rows", reason)

@@ -92,7 +92,9 @@ class TTLinear(nn.Module):
         self.cores = nn.ParameterList([nn.Parameter(G.detach().clone()) for G in cores])
         self.register_buffer("tt_shape", torch.tensor([self.row_shape, self.col_shape]))
         if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}"
+            )
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @classmethod
