@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..selection import Selector, select_targets
 from ..tt import default_layout, tt_parameters
 from .layers import SHAPE_ATTRS, Factorized, FactorizedMultiheadAttention
-from .prune import PruneResult, prune_units
+from .prune import PruneResult, prune_units, resized
 from .sparse import SparseLinear
 from .summary import FactorizeSummary, LayerSummary
 from .tolerance import default_rtol, numerical_rank
@@ -768,10 +768,43 @@ def _restored(module: nn.Module, prefix: str, state: Mapping[str, Any]) -> nn.Mo
         return FactorizedMultiheadAttention(module, *projs)
     key = f"{prefix}first.weight"
     unit = _layer_unit(module, "")
+    if isinstance(module, nn.Linear) and f"{prefix}tt_shape" in state:
+        rows, cols = (tuple(int(k) for k in s) for s in state[f"{prefix}tt_shape"])
+        cores = [torch.zeros(state[f"{prefix}cores.{k}"].shape) for k in range(len(rows))]
+        bias = state.get(f"{prefix}bias")
+        layer = TTLinear(cores, rows, cols, None if bias is None else torch.zeros(bias.shape))
+        return layer.to(module.weight)
+    if isinstance(module, nn.Linear) and f"{prefix}crow_indices" in state:
+        m, n = (int(k) for k in state[f"{prefix}shape"])
+        crow, cols = state[f"{prefix}crow_indices"], state[f"{prefix}col_indices"]
+        bias = state.get(f"{prefix}bias")
+        zeros = torch.zeros(cols.shape)
+        layer = SparseLinear(n, m, crow, cols, zeros, None if bias is None else torch.zeros(m))
+        return layer.to(module.weight)
     if unit is None or key not in state:
         return None
     rank, split = _saved_layout(unit, state[key])
     return _build(unit, _zero_plan(unit, split, rank))
+
+
+def _saved_sizes(module: nn.Module, prefix: str, state: Mapping[str, Any]) -> tuple[int, ...]:
+    """The units a saved state dict gives the (possibly pruned) layer at ``prefix``:
+    ``(out, in)`` of a Linear / Conv in any of its forms, ``(features,)`` of a BatchNorm; ``()``
+    when the state says nothing."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        for key in ("running_mean", "weight"):
+            if f"{prefix}{key}" in state:
+                return (state[f"{prefix}{key}"].shape[0],)
+        return ()
+    if f"{prefix}weight" in state:
+        return tuple(state[f"{prefix}weight"].shape[:2])
+    if f"{prefix}first.weight" in state and f"{prefix}second.weight" in state:
+        return state[f"{prefix}second.weight"].shape[0], state[f"{prefix}first.weight"].shape[1]
+    if f"{prefix}tt_shape" in state:
+        return tuple(math.prod(int(k) for k in s) for s in state[f"{prefix}tt_shape"])
+    if f"{prefix}crow_indices" in state:
+        return tuple(int(k) for k in state[f"{prefix}shape"])
+    return ()
 
 
 def load_factorized(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
@@ -780,7 +813,10 @@ def load_factorized(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Modul
     ``model`` is the dense model as built before :func:`factorize` (any weights: they are
     replaced). Every layer whose entry in ``state_dict`` is factorized (``<layer>.first.weight``
     / ``<layer>.second.weight``; for attention ``<layer>.q_proj...``) is replaced by the
-    factorized layer of the rank and split those shapes give, and then ``state_dict`` is loaded
+    factorized layer of the rank and split those shapes give (a :class:`TTLinear` where it holds
+    ``<layer>.tt_shape`` and ``<layer>.cores.*``, a :class:`SparseLinear` where it holds
+    ``<layer>.crow_indices``); a Linear, ungrouped Conv or BatchNorm whose saved units are fewer
+    (structured pruning) is shrunk to them first. Then ``state_dict`` is loaded
     strictly (a missing or unexpected key, or a shape that does not fit, raises). Returns a new
     model; ``model`` itself is not changed::
 
@@ -803,6 +839,12 @@ def load_factorized(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Modul
     found: dict[int, tuple[nn.Module, list[str]]] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
         found.setdefault(id(mod), (mod, []))[1].append(path)
+    for mod, mod_paths in list(found.values()):  # layers shrunk by structured pruning
+        sizes = _saved_sizes(mod, f"{mod_paths[0]}." if mod_paths[0] else "", state_dict)
+        small = resized(mod, sizes) if sizes else None
+        if small is not None:
+            model = _replace(model, mod_paths, small)
+            found[id(mod)] = (small, mod_paths)
     for mod, mod_paths in found.values():
         new = _restored(mod, f"{mod_paths[0]}." if mod_paths[0] else "", state_dict)
         if new is not None:

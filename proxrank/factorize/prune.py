@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PruneResult", "prune_units"]
+__all__ = ["PruneResult", "prune_units", "resized"]
 
 _ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -364,3 +364,22 @@ def _pair_reason(chain: list[_Entry], a: int, b: int, shared: set[int]) -> str:
     if math.prod(P.weight.shape) == 0:
         return f"{chain[a].path} is empty"
     return ""
+
+
+def resized(module: nn.Module, sizes: tuple[int, ...]) -> nn.Module | None:
+    """A copy of a layer :func:`prune_units` can shrink, with ``sizes`` units: ``(out, in)``
+    for a Linear / ungrouped Conv, ``(features,)`` for a BatchNorm (its leading entries; the
+    values are meant to be overwritten, e.g. by ``load_state_dict``). None for other modules,
+    and unless ``sizes`` are smaller than the module's (none larger)."""
+    if type(module) in _NORMS:
+        if len(sizes) != 1 or not 1 <= sizes[0] < module.num_features:
+            return None
+        return _sliced(module, torch.arange(sizes[0], device=_device(module)), 0)
+    if _kind(module) is None or len(sizes) != 2:
+        return None
+    out, inp = _units(module)
+    if not (1 <= sizes[0] <= out and 1 <= sizes[1] <= inp) or sizes == (out, inp):
+        return None
+    device = module.weight.device
+    rows = _sliced(module, torch.arange(sizes[0], device=device), 0)
+    return _sliced(rows, torch.arange(sizes[1], device=device), 1)

@@ -20,10 +20,11 @@ __all__ = ["SparseLinear"]
 class SparseLinear(nn.Module):
     """``y = W x + b`` with ``W`` stored in CSR form (see :mod:`proxrank.factorize.sparse`).
 
-    ``values`` (``nnz``) and ``bias`` (``m`` or ``None``) are parameters; ``crow_indices``
-    (``m + 1``) and ``col_indices`` (``nnz``) integer buffers, saved in the ``state_dict`` (so
-    :func:`proxrank.load_factorized` rebuilds the layer from it). Training changes only the
-    stored non-zeros: the pattern is fixed. ``weight`` answers the dense ``m x n`` matrix
+    ``values`` (``nnz``) and ``bias`` (``m`` or ``None``) are parameters; ``shape``
+    (``[m, n]``), ``crow_indices`` (``m + 1``) and ``col_indices`` (``nnz``) integer buffers,
+    saved in the ``state_dict`` (so :func:`proxrank.load_factorized` rebuilds the layer from
+    it). Training changes only the stored non-zeros: the pattern is fixed. ``weight`` answers
+    the dense ``m x n`` matrix
     (recomputed on every access, read-only).
     """
 
@@ -56,6 +57,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         self.in_features = in_features
         self.out_features = out_features
+        self.register_buffer("shape", torch.tensor([out_features, in_features]))
         self.register_buffer("crow_indices", crow_indices.detach().to(torch.int64).clone())
         self.register_buffer("col_indices", col_indices.detach().to(torch.int64).clone())
         self.values = nn.Parameter(values.detach().clone())
