@@ -31,6 +31,17 @@ the same spectrum (a balanced split, well conditioned for training on).
 * ``nn.RNN/LSTM/GRU`` stay dense (their fused kernels take dense weights); the summary gives
   the rank of each gate block and the reason.
 
+Three more ways a trained weight can be smaller (see :func:`factorize`):
+
+* structured pruning (``prune=True``, :mod:`proxrank.factorize.prune`): zero units (rows of a
+  layer after group lasso over output units, or columns after group lasso over input features)
+  are removed with the matching units of the neighbouring layer in ``nn.Sequential`` chains,
+  giving smaller dense layers;
+* tensor train (``tt=``): :class:`TTLinear` applies the TT cores of a Linear weight in
+  sequence (:mod:`proxrank.factorize.ttlinear`);
+* unstructured sparsity (``sparse="csr"``): :class:`SparseLinear` stores the non-zeros in CSR
+  form (:mod:`proxrank.factorize.sparse`).
+
 The bias goes to the second layer; dtype, device, ``requires_grad`` and train/eval mode are
 carried over. The factorized model computes the same function as the dense model whose
 weights are truncated at the tolerance, up to floating-point rounding: the factors are
@@ -46,15 +57,20 @@ architecture (the ranks and splits are read from the factors' shapes).
 
 from .convert import default_rtol, factorize, load_factorized, numerical_rank
 from .layers import Factorized, FactorizedMultiheadAttention
+from .sparse import SparseLinear
 from .summary import FactorizeSummary, LayerSummary
+from .ttlinear import TTLinear, tt_numerical_ranks
 
 __all__ = [
     "FactorizeSummary",
     "Factorized",
     "FactorizedMultiheadAttention",
     "LayerSummary",
+    "SparseLinear",
+    "TTLinear",
     "default_rtol",
     "factorize",
     "load_factorized",
     "numerical_rank",
+    "tt_numerical_ranks",
 ]

@@ -650,6 +650,24 @@ def factorize(
     * ``nn.RNN/LSTM/GRU`` weights are reported per gate block with their rank and stay dense
       (``reason`` says why); other selected weights (embeddings, ...) stay too.
 
+    Before that, with ``prune=True`` (default), zero units are removed: a zero output unit
+    (row) of a selected layer, or a zero input feature (column), together with the matching
+    column of the next layer or row of the previous one, and their BatchNorm channel, inside
+    ``nn.Sequential`` chains of Linear / ungrouped Conv layers where that is exact (a zero row
+    with a bias outputs a constant, folded into the next layer's bias where exact); see
+    :mod:`proxrank.factorize.prune`. The summary says why zero units that stay were kept. The
+    pruned model equals the original in eval mode (BatchNorm running statistics, no dropout).
+
+    An ``nn.Linear`` weight can also take two other forms, each used when it stores fewer
+    numbers than the dense or low-rank form (and saves ``min_saving``):
+
+    * ``tt``: a :class:`TTLinear` of the weight's TT-SVD in its TT-matrix layout, at the TT
+      ranks of the tolerance (each unfolding's singular values ``> max(atol, rtol s_1)``,
+      :func:`tt_numerical_ranks`), costing :func:`proxrank.tt.tt_parameters` numbers;
+    * ``sparse="csr"``: a :class:`SparseLinear` holding the exact non-zeros, costing
+      ``2 nnz + m + 1`` stored numbers (values, column indices, row pointers). Without it a
+      weight with exact zeros is left dense and the summary notes what CSR would store.
+
     Everything else is left untouched, except that an ``nn.TransformerEncoder`` whose
     attention is factorized no longer packs its inference batch into nested tensors (that
     path needs the fused dense encoder layer). A weight shared by several modules (tied) stays
@@ -671,6 +689,16 @@ def factorize(
             per output position of a convolution (with ``prod(stride)`` input positions for the
             pointwise convolution that runs before a strided one), per input position of a
             transposed convolution, per row of a linear map.
+        prune: remove zero units first (structured pruning, above). A layer trained in a TT
+            layout keeps its shape only without pruning: pass ``prune=False`` to keep it.
+        tt: ``True``: try the TT form for every selected ``nn.Linear`` weight, in
+            :func:`proxrank.tt.default_layout` ``(m, n)``; a mapping from weight names
+            (``"fc.weight"``) or layer names (``"fc"``) to ``(row_shape, col_shape)``: those
+            layouts (the layout the weight was trained in: ``ProxRank(prox="tt")`` uses the
+            default layout unless given one), the default layout for the other Linears.
+            ``False`` (default): no TT form.
+        sparse: ``"csr"``: try the CSR form for every selected ``nn.Linear`` weight; ``None``
+            (default): none.
 
     Returns:
         ``(model, summary)``: the factorized model (``model`` itself when ``inplace``) and a
