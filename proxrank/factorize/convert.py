@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -713,12 +714,14 @@ def factorize(
     if not inplace:
         model = copy.deepcopy(model)
     summary = FactorizeSummary(model_params_before=_count_params(model))
+    targets = select_targets(model, include, exclude)
     pruning = None
-    if prune:
-        weights = [t.param_name for t in select_targets(model, include, exclude)]
+    if prune:  # the same weights stay selected, also where pruning left a side of length 1
+        weights = [t.param_name for t in targets]
         selected_paths = {w.rpartition(".")[0] for w in weights if w.rpartition(".")[2] == "weight"}
         pruning = prune_units(model, selected_paths)
-    targets = select_targets(model, include, exclude)
+        params = dict(model.named_parameters())
+        targets = [dataclasses.replace(t, param=params[t.param_name]) for t in targets]
     paths: dict[int, list[str]] = {}
     owners: dict[int, dict[int, tuple[nn.Module, str]]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
