@@ -690,8 +690,9 @@ def factorize(
             per output position of a convolution (with ``prod(stride)`` input positions for the
             pointwise convolution that runs before a strided one), per input position of a
             transposed convolution, per row of a linear map.
-        prune: remove zero units first (structured pruning, above). A layer trained in a TT
-            layout keeps its shape only without pruning: pass ``prune=False`` to keep it.
+        prune: remove zero units first (structured pruning, above). A layer named in a ``tt``
+            mapping keeps its shape (its layout fits that shape), and so do its neighbours'
+            matching units.
         tt: ``True``: try the TT form for every selected ``nn.Linear`` weight, in
             :func:`proxrank.tt.default_layout` ``(m, n)``; a mapping from weight names
             (``"fc.weight"``) or layer names (``"fc"``) to ``(row_shape, col_shape)``: those
@@ -719,7 +720,12 @@ def factorize(
     if prune:  # the same weights stay selected, also where pruning left a side of length 1
         weights = [t.param_name for t in targets]
         selected_paths = {w.rpartition(".")[0] for w in weights if w.rpartition(".")[2] == "weight"}
-        pruning = prune_units(model, selected_paths)
+        layouts = tt if isinstance(tt, Mapping) else {}
+        fixed = {
+            key.removesuffix(".weight"): f"{key} keeps its shape for the TT layout given in tt="
+            for key in layouts
+        }
+        pruning = prune_units(model, selected_paths, fixed)
         params = dict(model.named_parameters())
         targets = [dataclasses.replace(t, param=params[t.param_name]) for t in targets]
     paths: dict[int, list[str]] = {}

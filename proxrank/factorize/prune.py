@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -313,12 +314,16 @@ def _prune_pair(
             result.shapes[e.path] = (first, tuple(e.module.weight.shape))
 
 
-def prune_units(model: nn.Module, selected: set[str]) -> PruneResult:
+def prune_units(
+    model: nn.Module, selected: set[str], fixed: Mapping[str, str] | None = None
+) -> PruneResult:
     """Remove, in place, the zero units of the layers at the module paths ``selected`` where
     the model's structure makes that exact (see :mod:`proxrank.factorize.prune`). Zero rows
     count for a selected producer, zero columns for a selected consumer; the partner layer is
-    sliced to match whether selected or not. Returns the shapes changed and, for every layer
-    of a chain whose zero rows or columns may stay, why."""
+    sliced to match whether selected or not. The layers at the paths of ``fixed`` keep their
+    shape (the value says why). Returns the shapes changed and, for every layer of a chain
+    whose zero rows or columns may stay, why."""
+    fixed = fixed or {}
     result = PruneResult()
     shared = _shared(model)
     for chain in _chains(model):
@@ -328,7 +333,8 @@ def prune_units(model: nn.Module, selected: set[str]) -> PruneResult:
         result.note(chain[layers[0]].path, "cols", "its input comes from outside the chain")
         result.note(chain[layers[-1]].path, "rows", "its output leaves the chain")
         for a, b in itertools.pairwise(layers):
-            reason = _pair_reason(chain, a, b, shared)
+            reason = next((fixed[e.path] for e in (chain[a], chain[b]) if e.path in fixed), "")
+            reason = reason or _pair_reason(chain, a, b, shared)
             if reason:
                 result.note(chain[a].path, "rows", reason)
                 result.note(chain[b].path, "cols", reason)
