@@ -763,7 +763,7 @@ def factorize(
         module, attrs = selected[item]
         path = paths[id(module)][0]
         rows, new = _convert(module, f"{path}." if path else "", attrs, opts)
-        if pruning is not None and _layer_unit(module, "") is not None:
+        if pruning is not None and isinstance(module, (nn.Linear, *_CONVS)):
             _report_pruning(rows, path, module, pruning)
         summary.layers.extend(rows)
         if new is not None:
