@@ -367,3 +367,65 @@ def test_pruned_model_saves_and_reloads():
     torch.save(small, buf)
     buf.seek(0)
     assert torch.equal(torch.load(buf, weights_only=False)(x), small(x))
+
+
+def test_units_without_a_known_constant_stay_with_the_reason():
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Linear(5, 2)
+    ).eval()
+    zero_rows(model[0], [1, 2])
+    small, summary = factorize(model)
+    assert small[0].out_features == 5
+    assert "2 zero output units kept" in summary.layers[0].reason
+    assert "not a known constant" in summary.layers[0].reason
+
+
+@st.composite
+def conv_chains(draw):
+    """Conv2d -> per-channel modules -> Conv2d, float64, with random dead output channels
+    (random biases, some zero) and zero input channels of the second convolution."""
+    c0, c1, c2 = (draw(st.integers(2, 4)) for _ in range(3))
+    padding = draw(st.sampled_from([0, 1]))
+    mode = draw(st.sampled_from(["zeros", "reflect", "circular"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    mids = {
+        "bn": lambda: nn.BatchNorm2d(c1, dtype=torch.float64),
+        "relu": nn.ReLU,
+        "maxpool": lambda: nn.MaxPool2d(2),
+        "avgpool": lambda: nn.AvgPool2d(2),
+        "tanh": nn.Tanh,
+    }
+    between = [mids[k]() for k in draw(st.lists(st.sampled_from(sorted(mids)), max_size=3))]
+    first = nn.Conv2d(c0, c1, 3, padding=1, dtype=torch.float64)
+    second = nn.Conv2d(c1, c2, 3, padding=padding, padding_mode=mode, dtype=torch.float64)
+    with torch.no_grad():
+        for conv in (first, second):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen, dtype=torch.float64))
+        dead = torch.rand(c1, generator=gen) < 0.5
+        first.weight[dead] = 0
+        first.bias[dead & (torch.rand(c1, generator=gen) < 0.5)] = 0
+        second.weight[:, torch.rand(c1, generator=gen) < 0.3] = 0
+    model = nn.Sequential(first, *between, second)
+    randomise_norms(model, gen)
+    return model.eval()
+
+
+@settings(max_examples=25, deadline=None)
+@given(model=conv_chains())
+def test_random_conv_chains_keep_outputs_and_remove_exactly_the_removable(model):
+    first, second = model[0], model[-1]
+    x = torch.randn(2, first.in_channels, 24, 24, dtype=torch.float64)
+    small, summary = factorize(model, min_saving=0.99)
+    with torch.no_grad():
+        assert close(small(x), model(x))
+        # reference: the constant each dead channel carries, read inside a constant map
+        image = first.bias.reshape(1, -1, 1, 1).expand(1, -1, 24, 24)
+        constant = nn.Sequential(*list(model)[1:-1])(image)
+    value = constant[0, :, constant.shape[2] // 2, constant.shape[3] // 2]
+    dead = (first.weight == 0).flatten(1).all(dim=1)
+    ignored = (second.weight == 0).transpose(0, 1).flatten(1).all(dim=1)
+    exact_fold = second.padding_mode != "zeros" or second.padding == (0, 0)
+    removable = ignored | (dead & ((value == 0) | exact_fold))
+    assert small[0].out_channels == small[-1].in_channels == max(int((~removable).sum()), 1)
+    assert n_params(small) == summary.model_params_after

@@ -271,10 +271,20 @@ def _prune_pair(
     ignored = torch.zeros(units, dtype=torch.bool)
     if chain[j].path in selected:
         ignored = _zero_cols(C.weight).cpu()
+    dead = known
     with torch.no_grad():
         for e in mids:
             known, value = _constants(e.module, known, value.to(_device(e.module)))
             known, value = known.cpu(), value.cpu()
+    lost = dead & ~known & ~ignored
+    if lost.any():
+        result.note(
+            chain[i].path,
+            "rows",
+            f"{int(lost.sum())} of them are not a known constant after the modules between "
+            f"{chain[i].path} and {chain[j].path} (BatchNorm without running statistics, or "
+            "average pooling that pads with zeros)",
+        )
     constant = known & ~ignored & (value != 0)
     if constant.any():
         why = ""
