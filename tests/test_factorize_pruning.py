@@ -264,13 +264,20 @@ def test_conv_with_zero_padding_keeps_non_zero_constant_channels():
 def test_conv_pool_flatten_linear_chain():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.BatchNorm1d(8),
+        nn.Linear(8, 5),
     ).eval()
+    randomise_norms(model, torch.Generator().manual_seed(3))
     with torch.no_grad():
         model[0].weight[[0, 5, 6]] = 0
-        model[4].weight[:, 2] = 0
+        model[6].weight[:, 2] = 0
     small, _ = factorize(model)
-    assert small[0].out_channels == small[4].in_features == 4
+    assert small[0].out_channels == small[5].num_features == small[6].in_features == 4
     x = torch.randn(2, 3, 9, 9)
     assert torch.allclose(small(x), model(x), atol=1e-5)
 

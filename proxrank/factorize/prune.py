@@ -21,6 +21,10 @@ at the input of the first layer or the output of the last (the model's interface
 before a module that mixes them (``LayerNorm``, attention, an unknown module), layers or
 weights used in several places, grouped convolutions, layers with hooks. At least one unit of
 each layer is kept.
+
+Assumed, as for any ``nn.Sequential``: its modules are called only through it (a model whose
+own ``forward`` also calls ``seq[0]`` directly, or reads its sizes, is not seen as such), and a
+``BatchNorm1d`` after a Linear normalises that Linear's features (2-D input).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ _DROPOUT = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
 )  # fmt: skip
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_MAX_POOLS = (
+#: Pools that keep a constant map constant (max pools pad with -inf).
+_CONSTANT_POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -155,22 +160,20 @@ def _between(mods: list[nn.Module], kind: str, units: int) -> tuple[str, bool]:
     pooled = flattened = False
     for mod in mods:
         name = type(mod).__name__
-        if flattened:
-            return f"{name} after Flatten", flattened
         if type(mod) in _ELEMENTWISE + _DROPOUT:
             continue
         if type(mod) in _NORMS:
             if mod.num_features != units or (kind == "linear" and type(mod) is not nn.BatchNorm1d):
                 return f"{name}({mod.num_features}) does not normalise these {units} units", False
             continue
-        if kind == "conv" and type(mod) in _MAX_POOLS + _AVG_POOLS:
+        if kind == "conv" and type(mod) in _CONSTANT_POOLS + _AVG_POOLS:
             if type(mod) in _ADAPTIVE:
                 size = mod.output_size
                 pooled = all(s == 1 for s in (size if isinstance(size, tuple) else (size,)))
             continue
         if kind == "conv" and type(mod) is nn.Flatten and pooled:
             if mod.start_dim == 1 and mod.end_dim == -1:
-                flattened = True
+                flattened, kind = True, "linear"  # one feature per channel from here on
                 continue
         return f"{name} is not known to act on each unit separately", False
     return "", flattened
