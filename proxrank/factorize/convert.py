@@ -488,17 +488,15 @@ def _convert(
 
 
 def _layout(unit: _Unit, opts: _Options) -> Layout:
-    """The TT-matrix layout of a linear unit: given by name in ``opts.tt`` (when its shape
-    still fits: pruning may have shrunk the layer), else :func:`proxrank.tt.default_layout`."""
-    m, n = unit.weight.shape
+    """The TT-matrix layout of a linear unit: given by weight or layer name in ``opts.tt``
+    (checked to fit; pruning leaves those layers' shapes alone), else
+    :func:`proxrank.tt.default_layout`."""
     if isinstance(opts.tt, Mapping):
-        path = unit.name.rpartition(".")[0]
-        for key in (unit.name, path):
+        for key in (unit.name, unit.name.rpartition(".")[0]):
             if key in opts.tt:
                 rows, cols = opts.tt[key]
-                if math.prod(rows) == m and math.prod(cols) == n:
-                    return tuple(rows), tuple(cols)
-    return default_layout(m, n)
+                return tuple(rows), tuple(cols)
+    return default_layout(*unit.weight.shape)
 
 
 def _compact(unit: _Unit, opts: _Options, row: LayerSummary) -> nn.Module | None:
