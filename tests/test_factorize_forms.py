@@ -230,3 +230,16 @@ def test_tt_and_csr_layers_save_and_reload():
     torch.save(small, buf)
     buf.seek(0)
     assert torch.equal(torch.load(buf, weights_only=False)(x), small(x))
+
+
+def test_convolution_with_unstructured_zeros_stays_dense_with_a_note():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape) < 0.2)
+    same, summary = factorize(conv, sparse="csr")
+    assert type(same) is nn.Conv2d
+    zeros = int((conv.weight == 0).sum())
+    assert f"{zeros} of 576 weights are zero, left dense (CSR is for nn.Linear)" in (
+        summary.layers[0].reason
+    )

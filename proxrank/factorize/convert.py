@@ -504,9 +504,13 @@ def _compact(unit: _Unit, opts: _Options, row: LayerSummary) -> nn.Module | None
     ``nn.Linear`` weight when it stores fewer numbers than the form ``row`` chose (and saves
     ``min_saving``); ``row`` is updated. Otherwise None, and ``row.reason`` notes what the
     other forms would cost and exact zeros left dense."""
-    if not isinstance(unit.module, nn.Linear):
-        return None
     W, b = unit.weight, unit.bias
+    if not isinstance(unit.module, nn.Linear):
+        zeros = W.numel() - int(torch.count_nonzero(W.detach()))
+        if zeros and not row.factorized:
+            note = f"{zeros} of {W.numel()} weights are zero, left dense (CSR is for nn.Linear)"
+            row.reason = f"{row.reason}; {note}" if row.reason else note
+        return None
     m, n = W.shape
     n_bias = 0 if b is None else b.numel()
     limit = min(row.params_after - n_bias, W.numel() * (1 - opts.min_saving))
