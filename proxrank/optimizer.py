@@ -243,7 +243,8 @@ class ProxRank(Optimizer):
             raise TypeError("optimizer is already a ProxRank; wrap the base optimizer once")
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a proxrank.Schedule, got {type(schedule).__name__}")
-        projection = isinstance(prox, MatrixMap) and prox.levels
+        resolved = get_prox(prox)
+        projection = isinstance(resolved, MatrixMap) and resolved.levels
         if lam is None and not (schedule is not None and schedule.has_rank) and not projection:
             raise TypeError(
                 "lam= is required, unless schedule= has a rank target (target= or budget=) or "
@@ -263,7 +264,6 @@ class ProxRank(Optimizer):
         self.optimizer = optimizer
         self.schedule = schedule
         lam = 1.0 if lam is None else lam  # a rank target or a projection; lam=0 opts out
-        get_prox(prox)
         self.defaults = {
             **optimizer.defaults,
             "lam": _check_lam(lam, "lam"),

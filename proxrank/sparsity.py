@@ -177,6 +177,4 @@ class NM(MatrixMap):
 
 
 #: The sparsity maps by name, as :func:`proxrank.prox.get_prox` resolves them.
-SPARSITY_MAPS: dict[str, type[MatrixMap]] = {
-    m.name: m for m in (L1, GroupLasso, Magnitude, NM)
-}
+SPARSITY_MAPS: dict[str, type[MatrixMap]] = {m.name: m for m in (L1, GroupLasso, Magnitude, NM)}
