@@ -99,8 +99,8 @@ class MatrixMap(abc.ABC):
 
     A penalty (``levels`` is ``False``) is the prox of ``tau R`` for a regulariser ``R``
     (:meth:`regularizer`). A projection (``levels`` is ``True``) maps onto a set indexed by an
-    integer level: ``level`` passed to :meth:`__call__` (from a schedule) or the map's own
-    (:meth:`own_level`); it ignores ``tau``.
+    integer level: ``level`` passed to :meth:`__call__` (from a schedule; it replaces the map's
+    own) or, when ``None``, the map's own (:meth:`own_level`); it ignores ``tau``.
     """
 
     name: ClassVar[str] = ""

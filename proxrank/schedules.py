@@ -480,9 +480,10 @@ def _entries_kept(budget: Any, shapes: list[tuple[int, int]]) -> int:
 
 
 def global_magnitude_levels(weights: list[torch.Tensor], budget: float | int) -> list[int]:
-    """Per-matrix counts of entries kept by one global magnitude threshold: the
-    ``_entries_kept(budget)`` entries of largest ``|w|`` across all ``weights`` (ties broken
-    by ``torch.topk``), counted per matrix."""
+    """Per-matrix counts of entries kept by one global magnitude threshold: the ``K`` entries
+    of largest ``|w|`` across all ``weights`` (ties broken by ``torch.topk``), counted per
+    matrix; ``K`` is ``ceil(budget * total)`` for a fraction ``budget`` in (0, 1], ``budget``
+    for a count."""
     k = _entries_kept(budget, [tuple(w.shape) for w in weights])
     flat = torch.cat([w.detach().reshape(-1).abs().to(torch.float64).cpu() for w in weights])
     owner = torch.repeat_interleave(

@@ -173,10 +173,13 @@ class TTRound(MatrixMap):
     quasi-optimal, idempotent).
 
     ``row_shape``/``col_shape``: the layout (default :func:`default_layout` of each matrix,
-    ``d`` modes each); ``ranks``: an int for every bond or one per bond. The level is a cap on
-    every bond's rank: a schedule's target (a fraction of the largest possible bond rank, or a
-    rank) or ``max(ranks)``; bond ``k`` keeps ``min(ranks_k, level)``, at most its unfolding's
-    size. Given shapes bind the map to matrices of that size.
+    ``d`` modes each); ``ranks``: an int for every bond or one per bond. A schedule's target is
+    a fraction of the largest possible bond rank (at least 1), or a rank. Given shapes bind the
+    map to matrices of that size.
+
+    The level is a cap on every bond's rank: a schedule's level replaces the map's own
+    ``ranks`` (as for every :class:`~proxrank.prox.MatrixMap`); without one, bond ``k`` keeps
+    ``ranks_k``; either way at most what its unfolding allows.
     """
 
     row_shape: tuple[int, ...] | None = None
@@ -221,12 +224,14 @@ class TTRound(MatrixMap):
 
     def tt_ranks(self, shape: tuple[int, int], level: int | None) -> tuple[int, ...]:
         bonds = self._bonds(shape)
-        own = _ranks(self.ranks, len(bonds) + 1) if self.ranks is not None else bonds
-        cap = max(bonds) if level is None else level
+        if level is not None:
+            own = [level] * len(bonds)
+        else:
+            own = _ranks(self.ranks, len(bonds) + 1) if self.ranks is not None else bonds
         ranks, r_prev = [], 1
         modes = [r * c for r, c in zip(*self.layout(shape), strict=True)]
         for k in range(len(bonds)):  # as tt_svd truncates: also by r_{k-1} * mode_k
-            r_prev = min(own[k], cap, bonds[k], r_prev * modes[k])
+            r_prev = min(own[k], bonds[k], r_prev * modes[k])
             ranks.append(r_prev)
         return tuple(ranks)
 
@@ -236,6 +241,9 @@ class TTRound(MatrixMap):
 
     def full_level(self, shape: tuple[int, int]) -> int:
         return max(self._bonds(shape))
+
+    def target_level(self, shape: tuple[int, int], target: float | int) -> int:
+        return max(1, super().target_level(shape, target))  # a TT rank is at least 1
 
     def own_level(self, shape: tuple[int, int]) -> int | None:
         if self.ranks is None:

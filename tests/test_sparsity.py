@@ -151,8 +151,9 @@ def test_tt_round_projects_onto_tt_rank_and_is_idempotent(seed, r):
         assert all(q <= r for q in _unfolding_ranks(Xi, (2, 3, 2), (2, 2, 3)))
     torch.testing.assert_close(prox(X, torch.zeros(2)), X, rtol=0, atol=1e-10)
     assert prox.tt_ranks((12, 12), None) == (min(r, 4), r)
-    # a schedule's level caps every bond; it cannot exceed the map's own ranks
-    assert prox.tt_ranks((12, 12), 1) == (1, 1)
+    # a schedule's level replaces the map's ranks (at most what each unfolding allows)
+    assert prox.tt_ranks((12, 12), 1) == (1, 1) and prox.tt_ranks((12, 12), 9) == (4, 6)
+    assert prox.target_level((12, 12), 0.01) == 1
 
 
 def test_tt_default_layout_and_levels():
@@ -491,3 +492,19 @@ def test_matrix_maps_batch_same_shape_matrices_in_one_call():
     extra(torch.randn(3, 12, dtype=torch.float64)).sum().backward()
     opt.step()
     assert sorted(calls) == [(1, 4, 12), (1, 12, 8), (2, 12, 12)]
+
+
+@given(matrices(batch=True), taus, taus, axes)
+def test_soft_thresholds_compose(W, a, b, axis):
+    """``prox_b(prox_a(W)) = prox_{a + b}(W)`` for l1 and group lasso: what
+    ``Schedule(every=k)``'s accumulated threshold relies on."""
+    t = torch.ones(W.shape[0], dtype=W.dtype)
+    for prox in (L1(), GroupLasso(axis)):
+        torch.testing.assert_close(
+            prox(prox(W, a * t), b * t), prox(W, (a + b) * t), rtol=1e-12, atol=1e-12
+        )
+
+
+def test_weighted_prox_refuses_maps_on_the_entries():
+    with pytest.raises(ValueError, match="prox='l1' acts on the entries"):
+        proxrank.metrics.weighted_prox(torch.eye(3), 0.1, prox="l1")
