@@ -179,9 +179,13 @@ class ProxRank(Optimizer):
             ``(name, parameter)`` pairs such as ``model.named_parameters()``. Only parameters
             that ``optimizer`` trains get the prox.
         lam: regularisation strength ``lam >= 0``; a param group's ``"lam"`` key overrides it.
-            Optional (1) with a schedule that has a rank target.
+            Optional (1) with a schedule that has a rank target, and for a projection.
         prox: ``"soft"`` (nuclear norm, default) or ``"hard"`` (rank penalty), or a
-            :class:`proxrank.prox.ProxMap`; a param group's ``"prox"`` key overrides it.
+            :class:`proxrank.prox.ProxMap`; or a map on the entries
+            (:class:`proxrank.prox.MatrixMap`, euclidean metric only): ``"l1"`` (lasso),
+            ``"group"`` (group lasso on rows), the projections ``"magnitude"``, ``"nm"``
+            (2:4) and ``"tt"`` (TT rank), or an instance of :mod:`proxrank.sparsity` /
+            :class:`proxrank.tt.TTRound`; a param group's ``"prox"`` key overrides it.
         include: name patterns or module types that replace the default selection.
         exclude: name patterns or module types removed from the selection.
         backend: how singular triplets are computed: ``"auto"`` (default), ``"exact"``,
@@ -290,8 +294,8 @@ class ProxRank(Optimizer):
         self._refresh_targets()
         self._input_hooks = InputHooks(self, ProxRank._observe_input)
         self._closed = False
-        self._sync_input_hooks(self._options())
         options = self._options()
+        self._sync_input_hooks(options)
         for rec, g in zip(self._records, self._group_index, strict=True):
             _check_map(options[g].prox, rec.target, schedule)
         if schedule is not None:

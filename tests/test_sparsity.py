@@ -508,3 +508,29 @@ def test_soft_thresholds_compose(W, a, b, axis):
 def test_weighted_prox_refuses_maps_on_the_entries():
     with pytest.raises(ValueError, match="prox='l1' acts on the entries"):
         proxrank.metrics.weighted_prox(torch.eye(3), 0.1, prox="l1")
+
+
+def test_a_failing_map_writes_nothing_and_names_the_weights():
+    """The prox of a later batch fails: no batch is written (the base step was taken)."""
+
+    class Failing(L1):
+        def __call__(self, W, tau, level=None):
+            if W.shape[-2:] == (4, 12):
+                raise RuntimeError("no luck")
+            return super().__call__(W, tau, level)
+
+    model = _mlp()
+    lr = 0.1
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=lr), model, lam=1.0, prox=Failing(), diagnostics=True
+    )
+    x, y = _batches(1)[0]
+    bare = copy.deepcopy(model)
+    for net in (model, bare):
+        F.mse_loss(net(x), y).backward()
+    torch.optim.SGD(bare.parameters(), lr=lr).step()
+    expected = list(bare.parameters())
+    with pytest.raises(RuntimeError, match="'4.weight' failed after the base step.*no luck"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(expected, model.parameters(), strict=True))
+    assert opt.step_count == 0 and opt.tracker.state_dict()["layers"] == {}
