@@ -111,9 +111,9 @@ def _check_level(level: int | None, name: str) -> int:
 class Magnitude(MatrixMap):
     """Keep the ``ceil(density m n)`` entries of largest ``|w|`` (unstructured magnitude
     pruning), the projection onto ``{#nonzeros <= k}``. Its level is the count ``k`` of entries
-    kept; ``density=None`` takes it from a schedule (``Schedule(target=..., ramp="cubic")`` is
-    gradual magnitude pruning; ``Schedule(budget=...)`` one global magnitude threshold across
-    the selected matrices)."""
+    kept; a schedule's level replaces it, and with ``density=None`` the map needs one
+    (``Schedule(target=..., ramp="cubic")`` is gradual magnitude pruning;
+    ``Schedule(budget=...)`` one global magnitude threshold across the selected matrices)."""
 
     density: float | None = None
     name = "magnitude"

@@ -463,6 +463,14 @@ def test_magnitude_budget_mixed_with_spectral_maps_is_refused():
             model,
             schedule=proxrank.Schedule(budget=0.5, ramp_end=2),
         )
+    with pytest.raises(ValueError, match="'magnitude' has no level"):
+        Magnitude()(torch.ones(1, 2, 2), torch.zeros(1))
+    for budget, error, match in (
+        (1.5, ValueError, "fraction of entries kept"),
+        ("all", TypeError, "a fraction in"),
+    ):
+        with pytest.raises(error, match=match):
+            global_magnitude_levels([torch.ones(2, 2)], budget)
     with pytest.raises(ValueError, match="entries kept must lie in"):
         proxrank.ProxRank(
             torch.optim.SGD(model.parameters(), lr=0.1),
