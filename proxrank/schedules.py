@@ -149,10 +149,12 @@ class Schedule:
             :class:`Ramp`: e.g. ``Ramp(0, 1, 0, 1000, "cosine")`` for a warm-up). Not with a
             rank target, which sets the threshold itself.
         target: final rank of every matrix: a float in (0, 1] is a ratio of its full rank
-            ``min(m, n)`` (rounded up), an int a rank (capped at the full rank).
+            ``min(m, n)`` (rounded up), an int a rank (capped at the full rank). For a
+            projection map (magnitude, N:M, TT) its final level instead (module docstring).
         budget: final size of all the selected matrices together, allocated across layers
             (see :mod:`proxrank.budget`): a float in (0, 1] is a ratio of their full size, an
-            int a count of parameters (or FLOPs with ``cost_weights``).
+            int a count of parameters (or FLOPs with ``cost_weights``). With
+            ``prox="magnitude"``: the entries kept, by one global magnitude threshold.
         mode: ``"budget"`` (best predicted loss at ``budget``) or ``"compact"`` (smallest
             model whose predicted loss increase stays <= ``tolerance``; no ``budget``).
         tolerance: ``mode="compact"`` only.
