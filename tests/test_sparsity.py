@@ -371,7 +371,9 @@ def test_diagnostics_report_sparsity_groups_and_objective():
     assert "group" in report and "0 rows/cols" in report
 
 
-@pytest.mark.parametrize("prox", ["l1", Magnitude(0.3), NM(2, 4), TTRound(ranks=2, d=2)])
+@pytest.mark.parametrize(
+    "prox", ["l1", GroupLasso("columns"), Magnitude(0.3), NM(2, 4), TTRound(ranks=2, d=2)]
+)
 def test_state_dict_round_trip_and_bit_exact_resume(prox):
     sched = (
         proxrank.Schedule(target=0.3, warmup=1, ramp_end=4) if isinstance(prox, Magnitude) else None
