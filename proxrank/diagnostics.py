@@ -35,6 +35,16 @@ figure                     definition
                            optimizer's backend name and the bound the backend returned
 =========================  =====================================================================
 
+**Maps on the matrix itself** (:class:`proxrank.prox.MatrixMap`: l1, group, magnitude, N:M,
+TT) compute no singular values: ``rank``, ``effective_rank`` and ``nuclear_norm`` are ``None``
+/ NaN; instead ``sparsity`` (fraction of zero entries of ``X``), ``zero_rows`` and ``zero_cols``
+(reported for every map), ``tt_ranks`` (the TT map's bond ranks), ``factorized_params`` the
+numbers needed to store ``X`` in the map's structure (:meth:`~proxrank.prox.MatrixMap.
+stored_size`: nonzero values, kept rows or columns, TT cores), ``steps_since_rank_change``
+counts the steps since that size changed, ``energy_removed`` is ``1 - ||X||_F^2 / ||W||_F^2``,
+``cutoff`` is ``tau`` for the penalties (the threshold on ``|w|`` or a group's norm) and NaN for
+the projections, ``backend`` is ``"direct"`` and the bound 0.
+
 Model level (:class:`ModelDiagnostics`): parameters the optimizer trains, the count if every
 selected matrix with ``rank (m + n) < m n`` were factorized now, their ratio, and the
 regularised objective ``F(W_t) = f(W_t) + sum_l lam_l R_l(W_t)`` when the closure returned the
@@ -75,13 +85,13 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .factorize.convert import default_rtol
-from .prox import HardThreshold, SoftThreshold
+from .prox import HardThreshold, MatrixMap, SoftThreshold
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import ProxRank
@@ -110,6 +120,10 @@ STAT_FIELDS = (
     "grad_mapping_norm",
     "relative_step",
     "error_bound",
+    "sparsity",
+    "zero_rows",
+    "zero_cols",
+    "stored_size",
 )
 
 
@@ -147,13 +161,14 @@ class LayerDiagnostics:
     energy removed) are those of the regularised matrix ``A^{1/2} W B^{1/2}``; the residual
     and step figures are in the weight's own coordinates. ``tau`` is NaN while a rank target
     sets the threshold from the spectrum; with ``Schedule(every=k)`` it is the accumulated
-    threshold and the realised step spans the ``k`` base steps since the last prox.
+    threshold and the realised step spans the ``k`` base steps since the last prox. A map on
+    the matrix itself has no ``rank`` (``None``; see the module docstring).
     """
 
     name: str
     shape: tuple[int, int]
     step: int
-    rank: int
+    rank: int | None
     effective_rank: float
     nuclear_norm: float
     tau: float
@@ -169,6 +184,11 @@ class LayerDiagnostics:
     backend: str
     error_bound: float
     converged: bool
+    prox: str = ""
+    sparsity: float = math.nan
+    zero_rows: int = 0
+    zero_cols: int = 0
+    tt_ranks: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -207,9 +227,8 @@ class ModelDiagnostics:
                 continue
             why = []
             if lay.steps_since_rank_change < patience:
-                why.append(
-                    f"rank {lay.rank} held {lay.steps_since_rank_change} of {patience} steps"
-                )
+                held = f"rank {lay.rank}" if lay.rank is not None else "stored size"
+                why.append(f"{held} held {lay.steps_since_rank_change} of {patience} steps")
             if lay.steps_below_tol < patience:
                 now = lay.relative_step
                 if math.isnan(now):
@@ -291,18 +310,22 @@ class _Layer:
         self.reg_in: Tensor | None = None  # lam R(W_t): the value at the previous step
         self.prev: Tensor | None = None  # the last output, for the realised step
         self.spectra: tuple[Tensor, Tensor] | None = None  # (before, after)
+        self.prox = ""  # the map's name
+        self.tt_ranks: tuple[int, ...] | None = None
 
     _SAVED = (
         *("step", "tau", "cutoff", "backend", "stats"),
-        *("rank", "norm", "since_rank", "below_tol", "reg"),
+        *("rank", "norm", "since_rank", "below_tol", "reg", "prox", "tt_ranks"),
     )
+    #: Entries older checkpoints lack, with the value they stand for.
+    _DEFAULTS: ClassVar[dict[str, Any]] = {"cutoff": math.nan, "prox": "", "tt_ranks": None}
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._SAVED}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for k in self._SAVED:
-            setattr(self, k, sd.get(k, math.nan) if k == "cutoff" else sd[k])
+            setattr(self, k, sd.get(k, self._DEFAULTS[k]) if k in self._DEFAULTS else sd[k])
         self.reg_in, self.prev, self.spectra = None, None, None
 
 
@@ -398,36 +421,46 @@ class Diagnostics:
         storage)."""
         layer = self._layer(step)
         S_new, X, W, Y = step.S_new, step.X, step.W, step.Y
-        # the rank factorize would find: rounding noise a decayed threshold kept is not rank
-        rtol = default_rtol(*step.shape, step.weight_dtype)
-        rank = torch.count_nonzero(S_new > rtol * S_new.amax()) if S_new.numel() else _zero(X)
-        # spectral figures are those of the regularised matrix Y (A^{1/2} W B^{1/2} in a metric)
-        nuclear = S_new.sum()
-        out_sq = S_new.square().sum()
+        nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
         in_sq = torch.linalg.vector_norm(Y).square()
-        p = S_new / torch.where(nuclear > 0, nuclear, 1)
-        effective_rank = torch.where(nuclear > 0, torch.exp(-torch.xlogy(p, p).sum()), 0)
+        lam = step.tau / step.lr if step.lr > 0 and step.rank_target is None else math.nan
+        reg = nan  # also while a rank target sets the threshold from the spectrum (lam is NaN)
+        stored = nan  # the size in a MatrixMap's structure
+        if S_new is None:  # a MatrixMap: no spectrum
+            prox: MatrixMap = step.prox  # type: ignore[assignment]
+            rank = effective_rank = nuclear = nan
+            structure = stored = prox.stored_size(X, step.rank_target).to(X.dtype)
+            out_sq = torch.linalg.vector_norm(X).square()
+            reg = prox.regularizer(X) * (0.0 if prox.levels else lam)  # a projection: 0
+        else:
+            # the rank factorize would find: rounding noise a decayed threshold kept is not rank
+            rtol = default_rtol(*step.shape, step.weight_dtype)
+            rank = torch.count_nonzero(S_new > rtol * S_new.amax()) if S_new.numel() else _zero(X)
+            structure = rank
+            # spectral figures are those of the regularised matrix Y (A^{1/2} W B^{1/2})
+            nuclear = S_new.sum()
+            out_sq = S_new.square().sum()
+            p = S_new / torch.where(nuclear > 0, nuclear, 1)
+            effective_rank = torch.where(nuclear > 0, torch.exp(-torch.xlogy(p, p).sum()), 0)
+            if isinstance(step.prox, SoftThreshold):
+                reg = lam * nuclear
+            elif isinstance(step.prox, HardThreshold):
+                reg = lam * rank.to(X.dtype)
         energy_removed = torch.where(in_sq > 0, 1 - out_sq / in_sq, 0).clamp(0, 1)
         # steps are measured in the weight's own coordinates
         step_norm, relative_step = self._realised_step(layer, step, torch.linalg.vector_norm(X))
-        nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
 
         zero = _zero(X)
-        if layer.rank is None:
+        if layer.rank is None or layer.rank.dtype != structure.dtype:  # first step, or new map
             layer.since_rank = layer.below_tol = zero - 1  # both become 0 below
-            layer.rank = rank
-        layer.since_rank = torch.where(rank == layer.rank, layer.since_rank + 1, zero)
+            layer.rank = structure
+        layer.since_rank = torch.where(structure == layer.rank, layer.since_rank + 1, zero)
         small_step = relative_step <= self.rule.tol  # False while NaN
         layer.below_tol = torch.where(small_step, layer.below_tol + 1, zero)
 
-        lam = step.tau / step.lr if step.lr > 0 and step.rank_target is None else math.nan
-        reg = nan  # also while a rank target sets the threshold from the spectrum (lam is NaN)
-        if isinstance(step.prox, SoftThreshold):
-            reg = lam * nuclear
-        elif isinstance(step.prox, HardThreshold):
-            reg = lam * rank.to(X.dtype)
         layer.reg_in, layer.reg = (nan if layer.reg is None else layer.reg), reg
-        layer.rank = rank
+        layer.rank = structure
+        nonzero = X.ne(0)
         layer.stats = torch.stack(
             [
                 rank.to(X.dtype),
@@ -438,13 +471,27 @@ class Diagnostics:
                 step_norm / step.lr if step.lr > 0 else nan,  # gradient mapping
                 relative_step,
                 step.error_bound.to(dtype=X.dtype, device=X.device).reshape(()),
+                1 - nonzero.sum() / max(X.numel(), 1),  # sparsity
+                (~nonzero.any(dim=1)).sum().to(X.dtype),  # zero rows
+                (~nonzero.any(dim=0)).sum().to(X.dtype),  # zero columns
+                stored,
             ]
         )
         layer.tau = float(step.tau)
-        layer.cutoff = float(step.prox.cutoff(step.tau)) if math.isfinite(step.tau) else math.nan
+        layer.cutoff = math.nan
+        if math.isfinite(step.tau) and S_new is not None:
+            layer.cutoff = float(step.prox.cutoff(step.tau))
+        elif math.isfinite(step.tau):  # a penalty: the threshold on |w| or a group's norm
+            layer.cutoff = float(step.tau)
         layer.backend = step.method
         layer.step = self._step
-        layer.spectra = (self._spectrum_before(layer, Y, step.S), S_new.detach())
+        layer.prox = step.prox.name
+        layer.tt_ranks = None
+        layer.spectra = None
+        if isinstance(step.prox, MatrixMap):
+            layer.tt_ranks = step.prox.tt_ranks(step.shape, step.rank_target)
+        else:
+            layer.spectra = (self._spectrum_before(layer, Y, step.S), S_new.detach())
         self._recorded.append(layer)
 
     def _realised_step(
@@ -522,7 +569,9 @@ class Diagnostics:
         values = dict(zip(STAT_FIELDS, layer.stats.tolist(), strict=True))
         since, below = int(layer.since_rank), max(int(layer.below_tol), 0)
         m, n = layer.shape
-        rank = int(values.pop("rank"))
+        rank, stored = values.pop("rank"), values.pop("stored_size")
+        rank = None if math.isnan(rank) else int(rank)  # a MatrixMap has no rank
+        zero_rows, zero_cols = int(values.pop("zero_rows")), int(values.pop("zero_cols"))
         return LayerDiagnostics(
             name=layer.name,
             shape=layer.shape,
@@ -532,10 +581,14 @@ class Diagnostics:
             cutoff=layer.cutoff,
             steps_since_rank_change=since,
             steps_below_tol=below,
-            factorized_params=rank * (m + n),
+            factorized_params=int(stored) if rank is None else rank * (m + n),
             dense_params=m * n,
             backend=layer.backend,
             converged=since >= self.rule.patience and below >= self.rule.patience,
+            prox=layer.prox,
+            zero_rows=zero_rows,
+            zero_cols=zero_cols,
+            tt_ranks=layer.tt_ranks,
             **values,
         )
 
@@ -746,6 +799,7 @@ def format_report(snap: ModelDiagnostics) -> str:
     head = (
         "layer",
         "shape",
+        "prox",
         "rank",
         "eff.rank",
         "nuclear",
@@ -757,6 +811,8 @@ def format_report(snap: ModelDiagnostics) -> str:
         "rank held",
         "step held",
         "factorized",
+        "zeros",
+        "0 rows/cols",
         "backend",
         "err.bound",
         "conv",
@@ -764,11 +820,15 @@ def format_report(snap: ModelDiagnostics) -> str:
     rows = [head]
     for lay in snap.layers:
         m, n = lay.shape
+        rank = "-" if lay.rank is None else str(lay.rank)
+        if lay.tt_ranks is not None:
+            rank = "tt " + "/".join(map(str, lay.tt_ranks))
         rows.append(
             (
                 lay.name,
                 f"{m}x{n}",
-                str(lay.rank),
+                lay.prox,
+                rank,
                 _fmt(lay.effective_rank),
                 _fmt(lay.nuclear_norm),
                 _fmt(lay.tau),
@@ -779,6 +839,8 @@ def format_report(snap: ModelDiagnostics) -> str:
                 str(lay.steps_since_rank_change),
                 str(lay.steps_below_tol),
                 f"{lay.factorized_params}/{lay.dense_params}",
+                f"{100 * lay.sparsity:.1f}%",
+                f"{lay.zero_rows}/{lay.zero_cols}",
                 lay.backend,
                 _fmt(lay.error_bound),
                 "yes" if lay.converged else "no",
@@ -803,7 +865,8 @@ def format_report(snap: ModelDiagnostics) -> str:
         "energy-: share of ||W||_F^2 the prox removed; prox res: ||X - W||_F; ||G||: "
         "||X_t+1 - X_t||_F / lr; rel.step: ||X_t+1 - X_t||_F / ||X||_F; rank held: steps since "
         "the rank changed; step held: steps with rel.step <= tol; factorized: r(m+n) / mn (rank "
-        "counted with factorize's tolerance)"
+        "counted with factorize's tolerance; maps on the entries: the size in their structure); "
+        "zeros: share of zero entries; 0 rows/cols: zero rows and columns"
     )
     return "\n".join(lines)
 
@@ -820,8 +883,12 @@ class DiagnosticsLogger:
 
 
 def _layer_scalars(lay: LayerDiagnostics) -> dict[str, float]:
-    skip = ("name", "shape", "step", "backend")
-    return {f.name: float(getattr(lay, f.name)) for f in fields(lay) if f.name not in skip}
+    skip = ("name", "shape", "step", "backend", "prox", "tt_ranks")
+    return {
+        f.name: math.nan if getattr(lay, f.name) is None else float(getattr(lay, f.name))
+        for f in fields(lay)
+        if f.name not in skip
+    }
 
 
 def _model_scalars(snap: ModelDiagnostics) -> dict[str, float]:

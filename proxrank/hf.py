@@ -48,7 +48,13 @@ def log_figures(snap: ModelDiagnostics, *, layers: bool = True) -> dict[str, flo
         if value is not None:
             out[f"proxrank/{key}"] = value
     if layers:
-        out.update({f"proxrank/rank/{lay.name}": float(lay.rank) for lay in snap.layers})
+        out.update(
+            {
+                f"proxrank/rank/{lay.name}": float(lay.rank)
+                for lay in snap.layers
+                if lay.rank is not None  # maps on the entries have no rank
+            }
+        )
     return out
 
 

@@ -166,6 +166,11 @@ def weighted_prox(
     norm for ``prox="soft"``, the rank for ``"hard"``). ``A``, ``B``: SPD matrices, positive
     vectors (diagonal) or ``None`` (identity). ``Y``: one ``m x n`` matrix, float32/float64."""
     prox_map = get_prox(prox)
+    if not isinstance(prox_map, ProxMap):
+        raise ValueError(
+            f"weighted_prox: prox={prox!r} acts on the entries, not on singular values; a "
+            "metric weighs singular values: use prox='soft' or 'hard'"
+        )
     return Weighting.from_spd(A, B).apply(lambda Z: prox_step(Z, tau, prox_map).X, Y)
 
 

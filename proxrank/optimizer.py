@@ -30,7 +30,7 @@ from .diagnostics import Diagnostics, ModelDiagnostics
 from .distributed import Checkpointed, Engine, finite_operand, is_sharded
 from .functional import ProxResult, prox_step, rank_prox_step
 from .metrics import Metric, Weighting, get_metric
-from .prox import ProxMap, get_prox
+from .prox import MatrixMap, ProxMap, get_prox
 from .records import NAMESPACES, MatrixInfo, MatrixRecord, ProxStep
 from .schedules import Plan, Schedule
 from .selection import Selector, Target, select_targets
@@ -50,7 +50,7 @@ class _Options(NamedTuple):
     """A param group's options, resolved."""
 
     lam: float
-    prox: ProxMap
+    prox: ProxMap | MatrixMap
     metric: Metric
 
 
@@ -84,11 +84,12 @@ class _Work:
 
 class _Outcome(NamedTuple):
     """A job's computed prox: ``X`` in weight coordinates (compute dtype), the matrix ``Y`` the
-    prox thresholded, the result in metric coordinates, and the backend's new state."""
+    prox thresholded, the result in metric coordinates (``None`` for a
+    :class:`~proxrank.prox.MatrixMap`: no decomposition), and the backend's new state."""
 
     X: Tensor | None
     Y: Tensor | None
-    result: ProxResult
+    result: ProxResult | None
     backend_state: dict[str, Any]
 
     def shared(self, weights: bool, inputs: bool) -> _Outcome:
@@ -96,12 +97,13 @@ class _Outcome(NamedTuple):
         the bound and the backend state; ``X`` with ``weights`` (``None``: the engine writes the
         weight), ``Y`` with ``inputs`` (diagnostics). ``U``, ``V^T`` and the result in metric
         coordinates are left empty: nothing after the compute reads them."""
+        X, Y = self.X if weights else None, self.Y if inputs else None
+        if self.result is None:
+            return _Outcome(X, Y, None, self.backend_state)
         svd = self.result.svd
         empty = svd.S[..., :0]
         result = ProxResult(empty, svd._replace(U=empty, Vh=empty), self.result.S_new)
-        return _Outcome(
-            self.X if weights else None, self.Y if inputs else None, result, self.backend_state
-        )
+        return _Outcome(X, Y, result, self.backend_state)
 
 
 def _check_lam(value: Any, where: str) -> float:
@@ -123,6 +125,23 @@ def _finite(tensors: list[Tensor], engine: Engine | None = None) -> list[bool]:
     if engine is not None:
         finite = engine.all_ranks(finite)
     return finite.tolist()
+
+
+def _check_map(prox: ProxMap | MatrixMap, target: Target, schedule: Schedule | None) -> None:
+    """Raise ``ValueError`` when a :class:`~proxrank.prox.MatrixMap` cannot act on the matrix
+    of ``target`` (its shape, or a projection with no level: neither its own nor a
+    schedule's)."""
+    if not isinstance(prox, MatrixMap):
+        return
+    with _naming(f"weight {target.name!r}"):
+        prox.check(target.shape2d)
+    has_level = schedule is not None and schedule.has_rank
+    if prox.levels and not has_level and prox.own_level(target.shape2d) is None:
+        raise ValueError(
+            f"weight {target.name!r}: prox {prox.name!r} is a projection with no level; give "
+            "the map one (proxrank.sparsity.Magnitude(density=...), proxrank.tt.TTRound("
+            "ranks=...)) or a proxrank.Schedule(target=..., ramp_end=...)"
+        )
 
 
 class ProxRank(Optimizer):
@@ -160,9 +179,13 @@ class ProxRank(Optimizer):
             ``(name, parameter)`` pairs such as ``model.named_parameters()``. Only parameters
             that ``optimizer`` trains get the prox.
         lam: regularisation strength ``lam >= 0``; a param group's ``"lam"`` key overrides it.
-            Optional (1) with a schedule that has a rank target.
+            Optional (1) with a schedule that has a rank target, and for a projection.
         prox: ``"soft"`` (nuclear norm, default) or ``"hard"`` (rank penalty), or a
-            :class:`proxrank.prox.ProxMap`; a param group's ``"prox"`` key overrides it.
+            :class:`proxrank.prox.ProxMap`; or a map on the entries
+            (:class:`proxrank.prox.MatrixMap`, euclidean metric only): ``"l1"`` (lasso),
+            ``"group"`` (group lasso on rows), the projections ``"magnitude"``, ``"nm"``
+            (2:4) and ``"tt"`` (TT rank), or an instance of :mod:`proxrank.sparsity` /
+            :class:`proxrank.tt.TTRound`; a param group's ``"prox"`` key overrides it.
         include: name patterns or module types that replace the default selection.
         exclude: name patterns or module types removed from the selection.
         backend: how singular triplets are computed: ``"auto"`` (default), ``"exact"``,
@@ -224,9 +247,12 @@ class ProxRank(Optimizer):
             raise TypeError("optimizer is already a ProxRank; wrap the base optimizer once")
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a proxrank.Schedule, got {type(schedule).__name__}")
-        if lam is None and not (schedule is not None and schedule.has_rank):
+        resolved = get_prox(prox)
+        projection = isinstance(resolved, MatrixMap) and resolved.levels
+        if lam is None and not (schedule is not None and schedule.has_rank) and not projection:
             raise TypeError(
-                "lam= is required, unless schedule= has a rank target (target= or budget=)"
+                "lam= is required, unless schedule= has a rank target (target= or budget=) or "
+                "prox= is a projection"
             )
         if not isinstance(diagnostics, bool | Diagnostics):
             raise TypeError(
@@ -241,8 +267,7 @@ class ProxRank(Optimizer):
         torch._C._log_api_usage_once("python.optimizer.proxrank")
         self.optimizer = optimizer
         self.schedule = schedule
-        lam = 1.0 if lam is None else lam  # a rank target sets the threshold; lam=0 opts out
-        get_prox(prox)
+        lam = 1.0 if lam is None else lam  # a rank target or a projection; lam=0 opts out
         self.defaults = {
             **optimizer.defaults,
             "lam": _check_lam(lam, "lam"),
@@ -269,9 +294,12 @@ class ProxRank(Optimizer):
         self._refresh_targets()
         self._input_hooks = InputHooks(self, ProxRank._observe_input)
         self._closed = False
-        self._sync_input_hooks(self._options())
+        options = self._options()
+        self._sync_input_hooks(options)
+        for rec, g in zip(self._records, self._group_index, strict=True):
+            _check_map(options[g].prox, rec.target, schedule)
         if schedule is not None:
-            schedule.check(self.targets)
+            schedule.check(self.targets, [options[g].prox for g in self._group_index])
         #: Number of completed steps (base step + prox).
         self.step_count = 0
         self.tracker = Diagnostics() if diagnostics is True else diagnostics or None
@@ -368,6 +396,14 @@ class ProxRank(Optimizer):
         prox = get_prox(group["prox"], option=f"{where}['prox']")
         metric = get_metric(group["metric"], option=f"{where}['metric']")
         metric.check_optimizer(self.optimizer)
+        if isinstance(prox, MatrixMap) and metric.name != "euclidean":
+            raise ValueError(
+                f"{where}: prox {prox.name!r} acts on the weight's entries, in the euclidean "
+                f"metric only; metric={metric.name!r} weighs singular values: set "
+                f"{where}['metric'] (or metric=) to 'euclidean', or use prox='soft'/'hard'"
+            )
+        if self.schedule is not None:
+            self.schedule.check_prox(prox, f"{where}['prox']")
         return _Options(lam, prox, metric)
 
     def _options(self) -> list[_Options]:
@@ -536,9 +572,10 @@ class ProxRank(Optimizer):
                     work.update(i, "metric", metric.observe_grad(states[i], g))
         if self.schedule is not None:
             sched_states = [self._current(i, "schedule", work) for i in range(len(self._records))]
+            proxes = [options[g].prox for g in self._group_index]
             with _naming("the schedule's allocation"):
                 for i, upd in enumerate(
-                    self.schedule.prepare(work.step, self.targets, sched_states)
+                    self.schedule.prepare(work.step, self.targets, sched_states, proxes)
                 ):
                     work.update(i, "schedule", upd)
         for i in active:
@@ -560,6 +597,7 @@ class ProxRank(Optimizer):
         lr = float(group["lr"])
         tau_lr = float(group.get("initial_lr", lr)) if self.tau_lr == "initial" else lr
         tau = options.lam * tau_lr
+        _check_map(options.prox, t, self.schedule)
         plan: Plan | None = Plan(tau, options.prox)
         if self.schedule is not None:
             state = self._current(index, "schedule", work)
@@ -647,14 +685,9 @@ class ProxRank(Optimizer):
         for j, job in enumerate(jobs):
             t = self._records[job.index].target
             m, n = t.shape2d
-            key = (
-                job.plan.prox,
-                job.plan.rank,
-                min(m, n),
-                max(m, n),
-                t.param.dtype,
-                t.param.device,
-            )
+            # spectral maps: shapes up to transposition; a MatrixMap: the shape itself
+            shape = (m, n) if isinstance(job.plan.prox, MatrixMap) else (min(m, n), max(m, n))
+            key = (job.plan.prox, job.plan.rank, *shape, t.param.dtype, t.param.device)
             batches.setdefault(key, []).append(j)
         outcomes: list[_Outcome | None] = [None] * len(jobs)
         saved = self.backend.state_dict()
@@ -679,10 +712,11 @@ class ProxRank(Optimizer):
     def _run_batch(
         self, batch: list[_Job], full: dict[int, Tensor] | None = None
     ) -> list[_Outcome]:
-        """The prox of same-shape matrices in one backend call: each weight ``W`` (float32 for
-        half precision; read from ``full[id(param)]`` when given, a gathered sharded parameter)
-        mapped into its metric, ``Y = A^{1/2} W B^{1/2}``, tall ones transposed so the batch
-        shares one shape; the results mapped back."""
+        """The prox of same-shape matrices in one call: each weight ``W`` (float32 for half
+        precision; read from ``full[id(param)]`` when given, a gathered sharded parameter).
+        A spectral map: ``W`` mapped into its metric, ``Y = A^{1/2} W B^{1/2}``, tall ones
+        transposed so the batch shares one shape, one backend call, the results mapped back. A
+        :class:`~proxrank.prox.MatrixMap`: the map on the stacked weights (no backend)."""
         records = [self._records[job.index] for job in batch]
         Ys = []
         for job, rec in zip(batch, records, strict=True):
@@ -690,10 +724,18 @@ class ProxRank(Optimizer):
             param = (full or {}).get(id(t.param), t.param)
             W = t.view.read(param.detach()).to(compute_dtype(t.param.dtype))
             Ys.append(W if job.weighting is None else job.weighting.to_metric(W))
-        Y = torch.stack([Yi.mT if Yi.shape[0] > Yi.shape[1] else Yi for Yi in Ys])
-        states = [job.backend_state for job in batch]
         first = batch[0].plan
+        states = [job.backend_state for job in batch]
         try:
+            if isinstance(first.prox, MatrixMap):
+                Y = torch.stack(Ys)
+                tau = torch.tensor([job.plan.tau for job in batch], dtype=Y.dtype, device=Y.device)
+                X = first.prox(Y, tau, first.rank)
+                return [
+                    _Outcome(X[i], Yi, None, state)
+                    for i, (Yi, state) in enumerate(zip(Ys, states, strict=True))
+                ]
+            Y = torch.stack([Yi.mT if Yi.shape[0] > Yi.shape[1] else Yi for Yi in Ys])
             if first.rank is None:
                 tau = torch.tensor([job.plan.tau for job in batch], dtype=Y.dtype, device=Y.device)
                 result = prox_step(Y, tau, first.prox, self.backend, states)
@@ -735,9 +777,11 @@ class ProxRank(Optimizer):
                 setattr(rec, ns, {**getattr(rec, ns), **values})
         for job, out in zip(work.jobs, outcomes, strict=True):
             self._records[job.index].backend = out.backend_state
-        if self.schedule is not None and work.jobs:  # the rank a schedule freezes at
-            ranks = torch.stack([torch.count_nonzero(o.result.S_new).cpu() for o in outcomes])
-            for job, r in zip(work.jobs, ranks.tolist(), strict=True):
+        jobs_outcomes = zip(work.jobs, outcomes, strict=True)
+        spectral = [(j, o) for j, o in jobs_outcomes if o.result is not None]
+        if self.schedule is not None and spectral:  # the rank a schedule freezes at
+            ranks = torch.stack([torch.count_nonzero(o.result.S_new).cpu() for _, o in spectral])
+            for (job, _), r in zip(spectral, ranks.tolist(), strict=True):
                 rec = self._records[job.index]
                 rec.schedule = {**rec.schedule, "rank": r}
         self.step_count = work.step
@@ -745,23 +789,31 @@ class ProxRank(Optimizer):
     def _prox_step(self, job: _Job, out: _Outcome) -> ProxStep:
         t = self._records[job.index].target
         W = t.view.read(t.param.detach()).to(out.X.dtype)
-        svd = out.result.svd
-        return ProxStep(
+        prox = job.plan.prox
+        level = isinstance(prox, MatrixMap) and prox.levels  # a projection ignores tau
+        common = dict(
             name=t.name,
             shape=t.shape2d,
-            prox=job.plan.prox,
-            tau=job.plan.tau if job.plan.rank is None else math.nan,
+            prox=prox,
+            tau=job.plan.tau if job.plan.rank is None and not level else math.nan,
             rank_target=job.plan.rank,
             lam=job.lam,
             lr=job.lr,
             W=W,
             Y=out.Y,
             X=out.X,
+            weight_dtype=t.param.dtype,
+        )
+        if out.result is None:  # a MatrixMap: exact, no singular values
+            bound = W.new_zeros(())
+            return ProxStep(**common, S=None, S_new=None, error_bound=bound, method="direct")
+        svd = out.result.svd
+        return ProxStep(
+            **common,
             S=svd.S,
             S_new=out.result.S_new,
             error_bound=torch.as_tensor(out.backend_state.get("error_bound", svd.error_bound)),
             method=str(out.backend_state.get("backend", self.backend.name)),
-            weight_dtype=t.param.dtype,
         )
 
     # -- diagnostics -------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Proximal maps that act on singular values.
+"""Proximal maps: on singular values (:class:`ProxMap`) or on the matrix itself
+(:class:`MatrixMap`).
 
 For a matrix ``Y = U diag(s) V^T`` and a spectral function ``g`` (a function of the singular
 values that is invariant under their permutation), the proximal map of ``tau * g`` is
@@ -16,6 +17,14 @@ name      regularizer ``g``          ``phi_tau(s)``
 ``soft``  nuclear norm ``sum s_i``   ``max(s - tau, 0)``  (ISVT)
 ``hard``  ``rank(W)``                ``s * [s > sqrt(2 tau)]``
 ========  =========================  ================================
+
+A :class:`MatrixMap` acts on the matrix ``W`` directly (its entries, its rows or columns, or a
+tensor view of it), batched over same-shape matrices, with no singular value decomposition:
+the sparsity maps of :mod:`proxrank.sparsity` (``"l1"``, ``"group"``, ``"magnitude"``,
+``"nm"``) and the tensor-train rounding of :mod:`proxrank.tt` (``"tt"``). A *penalty* (l1,
+group lasso) is the prox of ``tau R`` for a norm ``R``; a *projection* (magnitude, N:M, TT)
+maps onto a set of matrices indexed by an integer *level* (entries kept, ``N`` of N:M, TT rank)
+and ignores ``tau``; a schedule's target or budget sets that level (:mod:`proxrank.schedules`).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["HardThreshold", "ProxMap", "SoftThreshold", "get_prox"]
+__all__ = ["HardThreshold", "MatrixMap", "ProxMap", "SoftThreshold", "get_prox"]
 
 
 class ProxMap(abc.ABC):
@@ -82,18 +91,80 @@ class HardThreshold(ProxMap):
         return torch.where(s > _as_column(self.cutoff(tau), s), s, torch.zeros_like(s))
 
 
-_PROX_MAPS: dict[str, type[ProxMap]] = {"soft": SoftThreshold, "hard": HardThreshold}
+class MatrixMap(abc.ABC):
+    """A prox or projection acting on the matrix itself, batched: ``W`` has shape
+    ``(b, m, n)`` (the matrix views of :mod:`proxrank.selection`: rows are a Linear's or
+    Conv's output units), ``tau`` shape ``(b,)``. Maps are frozen dataclasses, like
+    :class:`ProxMap`.
+
+    A penalty (``levels`` is ``False``) is the prox of ``tau R`` for a regulariser ``R``
+    (:meth:`regularizer`). A projection (``levels`` is ``True``) maps onto a set indexed by an
+    integer level: ``level`` passed to :meth:`__call__` (from a schedule; it replaces the map's
+    own) or, when ``None``, the map's own (:meth:`own_level`); it ignores ``tau``.
+    """
+
+    name: ClassVar[str] = ""
+    #: Whether the map is a projection indexed by a level (see the class docstring).
+    levels: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def __call__(self, W: Tensor, tau: Tensor, level: int | None = None) -> Tensor:
+        """The map applied to each matrix of ``W`` (``(b, m, n)``, float32 or float64)."""
+
+    def check(self, shape: tuple[int, int]) -> None:
+        """Raise ``ValueError`` when the map cannot act on an ``m x n`` matrix (by default it
+        acts on every shape)."""
+        return None
+
+    def regularizer(self, X: Tensor) -> Tensor:
+        """``R(X)`` of one matrix (a 0-dim tensor); 0 for a projection (``X`` is feasible)."""
+        return X.new_zeros(())
+
+    def full_level(self, shape: tuple[int, int]) -> int:
+        """A projection's level at which it is the identity on ``m x n`` matrices."""
+        raise TypeError(f"prox {self.name!r} is a penalty: it has no level")
+
+    def own_level(self, shape: tuple[int, int]) -> int | None:
+        """The level the map's own options give (``None``: it needs one from a schedule)."""
+        return None
+
+    def target_level(self, shape: tuple[int, int], target: float | int) -> int:
+        """The level a schedule's ``target`` stands for: a float in (0, 1] is a fraction of
+        :meth:`full_level` (rounded up), an int the level itself (capped at the full one)."""
+        full = self.full_level(shape)
+        return min(target if isinstance(target, int) else math.ceil(target * full), full)
+
+    def stored_size(self, X: Tensor, level: int | None) -> Tensor:
+        """Numbers needed to store one matrix ``X`` in the map's structure (nonzero values,
+        kept rows, TT cores), a 0-dim tensor."""
+        return torch.count_nonzero(X)
+
+    def tt_ranks(self, shape: tuple[int, int], level: int | None) -> tuple[int, ...] | None:
+        """The TT ranks the map leaves (``None``: not a tensor-train map)."""
+        return None
 
 
-def get_prox(prox: str | ProxMap, *, option: str = "prox") -> ProxMap:
-    """Resolve a prox name (``"soft"``, ``"hard"``) or pass a :class:`ProxMap` through."""
-    if isinstance(prox, ProxMap):
+_SPECTRAL: dict[str, type[ProxMap]] = {"soft": SoftThreshold, "hard": HardThreshold}
+
+
+def _known_maps() -> dict[str, type[ProxMap] | type[MatrixMap]]:
+    from .sparsity import SPARSITY_MAPS  # the modules of the maps import this one
+    from .tt import TTRound
+
+    return {**_SPECTRAL, **SPARSITY_MAPS, "tt": TTRound}
+
+
+def get_prox(prox: str | ProxMap | MatrixMap, *, option: str = "prox") -> ProxMap | MatrixMap:
+    """Resolve a prox name (``"soft"``, ``"hard"``, ``"l1"``, ``"group"``, ``"magnitude"``,
+    ``"nm"``, ``"tt"``: each map with its default options) or pass a map through."""
+    if isinstance(prox, ProxMap | MatrixMap):
         return prox
-    if isinstance(prox, str) and prox in _PROX_MAPS:
-        return _PROX_MAPS[prox]()
+    known = _known_maps()
+    if isinstance(prox, str) and prox in known:
+        return known[prox]()
     raise ValueError(
-        f"{option}={prox!r} is not a known prox map; use one of {sorted(_PROX_MAPS)} "
-        "or a proxrank.prox.ProxMap instance"
+        f"{option}={prox!r} is not a known prox map; use one of {sorted(known)} or a "
+        "proxrank.prox.ProxMap / proxrank.prox.MatrixMap instance"
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .prox import ProxMap
+from .prox import MatrixMap, ProxMap
 from .selection import Target
 
 __all__ = ["NAMESPACES", "MatrixInfo", "MatrixRecord", "ProxStep"]
@@ -110,13 +110,18 @@ class ProxStep:
     coordinates). ``S`` are the singular values of ``Y`` the backend returned (the largest
     ones, descending), ``S_new = phi(S)`` the thresholded ones, so ``Y``'s prox is
     ``U diag(S_new) V^T``. ``tau`` is the threshold (``lam * lr``; NaN when a rank target set it
-    from the spectrum), ``rank_target`` that target, ``method`` the backend's method and
-    ``error_bound`` its certified bound on the distance to the exact prox, ``weight_dtype`` the
-    dtype ``X`` is written back in."""
+    from the spectrum, and for a projection), ``rank_target`` that target, ``method`` the
+    backend's method and ``error_bound`` its certified bound on the distance to the exact
+    prox, ``weight_dtype`` the dtype ``X`` is written back in.
+
+    A :class:`~proxrank.prox.MatrixMap` computes no singular values: ``S`` and ``S_new`` are
+    ``None``, ``Y`` is ``W``, ``rank_target`` is the projection's level set by a schedule
+    (``None``: the map's own), ``method`` is ``"direct"`` and the bound 0 (the map is
+    exact)."""
 
     name: str
     shape: tuple[int, int]
-    prox: ProxMap
+    prox: ProxMap | MatrixMap
     tau: float
     rank_target: int | None
     lam: float
@@ -124,13 +129,14 @@ class ProxStep:
     W: Tensor
     Y: Tensor
     X: Tensor
-    S: Tensor
-    S_new: Tensor
+    S: Tensor | None
+    S_new: Tensor | None
     error_bound: Tensor
     method: str
     weight_dtype: torch.dtype
 
     @property
-    def rank(self) -> Tensor:
-        """The rank after the prox, ``#{S_new > 0}`` (a 0-dim tensor)."""
-        return torch.count_nonzero(self.S_new)
+    def rank(self) -> Tensor | None:
+        """The rank after the prox, ``#{S_new > 0}`` (a 0-dim tensor; ``None`` for a
+        :class:`~proxrank.prox.MatrixMap`, which computes no spectrum)."""
+        return None if self.S_new is None else torch.count_nonzero(self.S_new)

@@ -22,6 +22,19 @@ to its final rank at ``ramp_end``, with the shape ``g`` of :class:`Ramp` (1 -> 0
 (the cubic is gradual magnitude pruning's schedule, Zhu & Gupta 2017). The final ranks come
 from ``target`` (a ratio of ``k`` or one rank for every matrix) or from a global ``budget``
 allocated across layers by :func:`proxrank.budget.allocate_ranks` at the first shrink step.
+
+**Maps on the matrix itself** (:class:`proxrank.prox.MatrixMap`). The penalties ``"l1"`` and
+``"group"`` take strength ramps and ``every=`` (their soft thresholds compose like the
+spectral one); a target or budget is an error for them. The projections ``"magnitude"``,
+``"nm"`` and ``"tt"`` take a *level* (entries kept, ``N`` of N:M, TT rank) in place of the
+rank: ``target`` is a fraction of the map's full level (:meth:`~proxrank.prox.MatrixMap.
+target_level`: for magnitude and N:M a fraction of the entries kept, for TT of the largest
+bond rank) or a level, ramped from the full level as above (magnitude with ``ramp="cubic"`` is
+gradual magnitude pruning) and frozen at ``freeze_at``. ``budget`` goes with ``"magnitude"``
+only: a fraction (or count) of the entries of all its matrices kept, allocated by one global
+magnitude threshold (the largest ``|w|`` across the matrices at the first shrink step; each
+matrix's level is its count of entries above it). The schedule's state key ``final_rank``
+holds the final level.
 """
 
 from __future__ import annotations
@@ -35,14 +48,15 @@ from typing import Any, NamedTuple
 import torch
 
 from .budget import allocate_ranks, budget_size
-from .prox import HardThreshold, ProxMap, SoftThreshold
+from .prox import HardThreshold, MatrixMap, ProxMap, SoftThreshold
 from .selection import Target
+from .sparsity import Magnitude
 
 #: A budget allocation that leaves a matrix below ``1 / TINY_RANK_FRACTION`` of its full rank
 #: warns, naming it (the allocator itself is not sensitivity-aware).
 TINY_RANK_FRACTION = 32
 
-__all__ = ["RAMP_KINDS", "Plan", "Ramp", "Schedule"]
+__all__ = ["RAMP_KINDS", "Plan", "Ramp", "Schedule", "global_magnitude_levels"]
 
 #: Ramp shapes: fraction ``x = (n - n0) / (n1 - n0)`` in [0, 1] -> weight of ``end``.
 RAMP_KINDS: dict[str, Callable[[float], float]] = {
@@ -118,8 +132,13 @@ class Plan(NamedTuple):
     or (``rank`` not ``None``) a rank target whose threshold comes from the spectrum."""
 
     tau: float
-    prox: ProxMap
+    prox: ProxMap | MatrixMap
     rank: int | None = None
+
+
+def _full_level(prox: ProxMap | MatrixMap, shape2d: tuple[int, int]) -> int:
+    """The rank (spectral maps) or level (projections) at which the map leaves a matrix as is."""
+    return prox.full_level(shape2d) if isinstance(prox, MatrixMap) else min(shape2d)
 
 
 class Schedule:
@@ -130,10 +149,12 @@ class Schedule:
             :class:`Ramp`: e.g. ``Ramp(0, 1, 0, 1000, "cosine")`` for a warm-up). Not with a
             rank target, which sets the threshold itself.
         target: final rank of every matrix: a float in (0, 1] is a ratio of its full rank
-            ``min(m, n)`` (rounded up), an int a rank (capped at the full rank).
+            ``min(m, n)`` (rounded up), an int a rank (capped at the full rank). For a
+            projection map (magnitude, N:M, TT) its final level instead (module docstring).
         budget: final size of all the selected matrices together, allocated across layers
             (see :mod:`proxrank.budget`): a float in (0, 1] is a ratio of their full size, an
-            int a count of parameters (or FLOPs with ``cost_weights``).
+            int a count of parameters (or FLOPs with ``cost_weights``). With
+            ``prox="magnitude"``: the entries kept, by one global magnitude threshold.
         mode: ``"budget"`` (best predicted loss at ``budget``) or ``"compact"`` (smallest
             model whose predicted loss increase stays <= ``tolerance``; no ``budget``).
         tolerance: ``mode="compact"`` only.
@@ -256,38 +277,90 @@ class Schedule:
         """Target rank of a matrix at step ``n``: ``r_f + ceil((k - r_f) g(n))``."""
         return final_rank + math.ceil((full_rank - final_rank) * self.shape(n) - 1e-9)
 
-    def check(self, targets: list[Target]) -> None:
+    def check_prox(self, prox: ProxMap | MatrixMap, option: str = "prox") -> None:
+        """Raise ``ValueError`` when this schedule cannot drive ``prox`` (see the module
+        docstring, "Maps on the matrix itself")."""
+        if not isinstance(prox, MatrixMap):
+            return
+        if not prox.levels and self.has_rank:
+            raise ValueError(
+                f"{option}={prox.name!r} is a penalty: a schedule's target=/budget= sets the "
+                "level of spectral maps and projections; drive it with lam= (a strength ramp, "
+                "e.g. Schedule(lam=Ramp(0, 1, 0, 1000)))"
+            )
+        if not self.has_rank and self.freeze_at is not None:
+            raise ValueError(
+                f"freeze_at= without a target freezes ranks; {option}={prox.name!r} has none: "
+                "give target= (the projection's level then freezes) or drop freeze_at"
+            )
+        if (self.budget is not None or self.mode == "compact") and not isinstance(prox, Magnitude):
+            raise ValueError(
+                f"budget=/mode='compact' with {option}={prox.name!r}: the budget of a map on "
+                "the matrix itself is a share of entries kept, for prox='magnitude' only; "
+                "give target= instead"
+            )
+        if self.mode == "compact":
+            raise ValueError(
+                f"mode='compact' with {option}={prox.name!r}: the loss model is spectral; use "
+                "budget="
+            )
+
+    def check(
+        self, targets: list[Target], proxes: list[ProxMap | MatrixMap] | None = None
+    ) -> None:
         """Validate the settings that depend on the selected matrices (a budget below the
-        smallest possible size, missing per-layer weights) before training starts."""
+        smallest possible size, missing per-layer weights) before training starts; ``proxes``:
+        each target's map (default: spectral)."""
         # a callable curvature weight reads training statistics: it is called at the allocation
         weights = None if callable(self.weights) else _per_layer(self.weights, targets, "weights")
         cost_weights = _per_layer(self.cost_weights, targets, "cost_weights")
         for name, values in (("weights", weights), ("cost_weights", cost_weights)):
             if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
                 raise ValueError(f"{name} must be finite and > 0 for every matrix, got {values}")
-        if self.budget is not None:
+        magnitude = [isinstance(p, Magnitude) for p in proxes or ()]
+        if self.budget is not None and any(magnitude) and not all(magnitude):
+            raise ValueError(
+                "budget= over both prox='magnitude' and other maps: a budget is shared by "
+                "matrices of one kind (entries kept, or ranks); set one prox for all of them"
+            )
+        if self.budget is not None and any(magnitude):
+            _entries_kept(self.budget, [t.shape2d for t in targets])
+        elif self.budget is not None:
             shapes = [t.shape2d for t in targets]
             budget_size(self.budget, shapes, cost_weights=cost_weights, min_rank=self.min_rank)
 
     def prepare(
-        self, n: int, targets: list[Target], states: list[dict[str, Any]]
+        self,
+        n: int,
+        targets: list[Target],
+        states: list[dict[str, Any]],
+        proxes: list[ProxMap | MatrixMap] | None = None,
     ) -> list[dict[str, Any]]:
-        """At the first step past warm-up, each matrix's final rank (``{"final_rank": r}``,
-        saved in ``state_dict``): from ``target``, or by allocating ``budget`` across layers.
-        Returns the updates per matrix (empty when there is nothing to fix); reads ``states``
-        (the schedule's state of each target) only."""
+        """At the first step past warm-up, each matrix's final rank or level
+        (``{"final_rank": r}``, saved in ``state_dict``): from ``target``, or by allocating
+        ``budget`` across layers. ``proxes``: each target's map (default: spectral). Returns
+        the updates per matrix (empty when there is nothing to fix); reads ``states`` (the
+        schedule's state of each target) only."""
         none: list[dict[str, Any]] = [{} for _ in targets]
         if not self.has_rank or n <= self.warmup:
             return none
         if all("final_rank" in st for st in states):
             return none
+        proxes = proxes or [SoftThreshold()] * len(targets)
         if self.target is not None:
             out = []
-            for t, st in zip(targets, states, strict=True):
-                k = min(t.shape2d)
-                r = self.target if isinstance(self.target, int) else math.ceil(self.target * k)
-                out.append({} if "final_rank" in st else {"final_rank": min(r, k)})
+            for t, st, prox in zip(targets, states, proxes, strict=True):
+                if isinstance(prox, MatrixMap):
+                    r = prox.target_level(t.shape2d, self.target)
+                else:
+                    k = min(t.shape2d)
+                    r = self.target if isinstance(self.target, int) else math.ceil(self.target * k)
+                    r = min(r, k)
+                out.append({} if "final_rank" in st else {"final_rank": r})
             return out
+        if all(isinstance(p, Magnitude) for p in proxes):
+            weights = [t.view.read(t.param.detach()) for t in targets]
+            return [{"final_rank": k} for k in global_magnitude_levels(weights, self.budget)]
         spectra = [torch.linalg.svdvals(t.view.read(t.param.detach()).double()) for t in targets]
         alloc = allocate_ranks(
             spectra,
@@ -323,10 +396,13 @@ class Schedule:
         phase = self.phase(n)
         if phase == "warmup":
             return None, {}
-        k = min(shape2d)
+        k = _full_level(prox, shape2d)
+        projection = isinstance(prox, MatrixMap)  # a projection: it keeps its own kind
         if phase == "freeze":
             rank = state.get("final_rank", state.get("rank", k))
-            return (Plan(0.0, HardThreshold(), rank) if rank < k else None), {}
+            if rank >= k:
+                return None, {}
+            return Plan(0.0, prox if projection else HardThreshold(), rank), {}
         due = (n - self.warmup) % self.every == 0 or n == self.ramp_end
         if self.has_rank:
             if not due:
@@ -334,6 +410,8 @@ class Schedule:
             rank = self.rank_at(n, k, state["final_rank"])
             if rank >= k:
                 return None, {}
+            if projection:
+                return Plan(0.0, prox, rank), {}
             soft = self.threshold == "soft"
             return Plan(0.0, SoftThreshold() if soft else HardThreshold(), rank), {}
         acc = state.get("tau_acc", 0.0) + tau * self.lam(n)
@@ -382,3 +460,36 @@ def _per_layer(
     if missing:
         raise ValueError(f"{option} has no value for {missing}; give one per selected matrix")
     return [float(spec[t.name]) for t in targets]
+
+
+def _entries_kept(budget: Any, shapes: list[tuple[int, int]]) -> int:
+    """The count of entries a magnitude ``budget`` keeps (a float in (0, 1]: a fraction of all
+    the entries, rounded up; an int: a count, at least 1 and at most all of them)."""
+    total = sum(m * n for m, n in shapes)
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise TypeError(f"budget must be a fraction in (0, 1] or a count (int), got {budget!r}")
+    if isinstance(budget, float) and not 0 < budget <= 1:
+        raise ValueError(
+            f"budget={budget!r} as a float is the fraction of entries kept, in (0, 1]; pass "
+            "an int for a count"
+        )
+    if isinstance(budget, int) and not 1 <= budget <= total:
+        raise ValueError(
+            f"budget={budget} entries kept must lie in [1, {total}] (the selected matrices' "
+            "entries)"
+        )
+    return budget if isinstance(budget, int) else math.ceil(budget * total)
+
+
+def global_magnitude_levels(weights: list[torch.Tensor], budget: float | int) -> list[int]:
+    """Per-matrix counts of entries kept by one global magnitude threshold: the ``K`` entries
+    of largest ``|w|`` across all ``weights`` (ties broken by ``torch.topk``), counted per
+    matrix; ``K`` is ``ceil(budget * total)`` for a fraction ``budget`` in (0, 1], ``budget``
+    for a count."""
+    k = _entries_kept(budget, [tuple(w.shape) for w in weights])
+    flat = torch.cat([w.detach().reshape(-1).abs().to(torch.float64).cpu() for w in weights])
+    owner = torch.repeat_interleave(
+        torch.arange(len(weights)), torch.tensor([w.numel() for w in weights])
+    )
+    kept = owner[flat.topk(k).indices]
+    return torch.bincount(kept, minlength=len(weights)).tolist()

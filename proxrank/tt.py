@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .prox import MatrixMap
+
 __all__ = [
+    "TTRound",
     "default_layout",
     "factor_shape",
     "from_tt_tensor",
@@ -160,3 +164,93 @@ def tt_parameters(row_shape: Sequence[int], col_shape: Sequence[int], ranks: Seq
     """Numbers held by TT cores with these mode sizes and bond ranks ``(r_1, ..., r_{d-1})``."""
     r = [1, *ranks, 1]
     return sum(r[k] * row_shape[k] * col_shape[k] * r[k + 1] for k in range(len(row_shape)))
+
+
+@dataclass(frozen=True)
+class TTRound(MatrixMap):
+    """``prox="tt"``: the projection of a weight, read as a TT-matrix tensor
+    (:func:`to_tt_tensor`), onto TT rank at most ``r`` by TT-SVD rounding (:func:`tt_round`;
+    quasi-optimal, idempotent).
+
+    ``row_shape``/``col_shape``: the layout (default :func:`default_layout` of each matrix,
+    ``d`` modes each); ``ranks``: an int for every bond or one per bond. A schedule's target is
+    a fraction of the largest possible bond rank (at least 1), or a rank. Given shapes bind the
+    map to matrices of that size.
+
+    The level is a cap on every bond's rank: a schedule's level replaces the map's own
+    ``ranks`` (as for every :class:`~proxrank.prox.MatrixMap`); without one, bond ``k`` keeps
+    ``ranks_k``; either way at most what its unfolding allows.
+    """
+
+    row_shape: tuple[int, ...] | None = None
+    col_shape: tuple[int, ...] | None = None
+    ranks: int | tuple[int, ...] | None = None
+    d: int = 3
+    name = "tt"
+    levels = True
+
+    def __post_init__(self) -> None:
+        if (self.row_shape is None) != (self.col_shape is None):
+            raise ValueError("TTRound takes row_shape and col_shape together (or neither)")
+        if isinstance(self.d, bool) or not isinstance(self.d, int) or self.d < 2:
+            raise ValueError(f"TTRound d={self.d!r} must be an int >= 2 (modes of the tensor)")
+        if self.row_shape is not None:
+            for option in ("row_shape", "col_shape"):  # tuples: the map is hashable
+                object.__setattr__(self, option, tuple(getattr(self, option)))
+        if isinstance(self.ranks, list):
+            object.__setattr__(self, "ranks", tuple(self.ranks))
+        if self.ranks is not None:
+            d = self.d if self.row_shape is None else len(self.row_shape)
+            _ranks(self.ranks, d)
+
+    def layout(self, shape: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The ``(row_shape, col_shape)`` used for an ``m x n`` matrix."""
+        if self.row_shape is None:
+            return default_layout(*shape, d=self.d)
+        return self.row_shape, self.col_shape  # type: ignore[return-value]
+
+    def check(self, shape: tuple[int, int]) -> None:
+        rows, cols = self.layout(shape)
+        _check_shapes(*shape, rows, cols)
+
+    def _bonds(self, shape: tuple[int, int]) -> list[int]:
+        """The largest rank of each bond: ``min`` of its unfolding's two sides."""
+        rows, cols = self.layout(shape)
+        modes = [r * c for r, c in zip(rows, cols, strict=True)]
+        return [
+            min(math.prod(modes[: k + 1]), math.prod(modes[k + 1 :]))
+            for k in range(len(modes) - 1)
+        ]
+
+    def tt_ranks(self, shape: tuple[int, int], level: int | None) -> tuple[int, ...]:
+        bonds = self._bonds(shape)
+        if level is not None:
+            own = [level] * len(bonds)
+        else:
+            own = _ranks(self.ranks, len(bonds) + 1) if self.ranks is not None else bonds
+        ranks, r_prev = [], 1
+        modes = [r * c for r, c in zip(*self.layout(shape), strict=True)]
+        for k in range(len(bonds)):  # as tt_svd truncates: also by r_{k-1} * mode_k
+            r_prev = min(own[k], bonds[k], r_prev * modes[k])
+            ranks.append(r_prev)
+        return tuple(ranks)
+
+    def __call__(self, W: Tensor, tau: Tensor, level: int | None = None) -> Tensor:
+        shape = (W.shape[-2], W.shape[-1])
+        return tt_round(W, *self.layout(shape), list(self.tt_ranks(shape, level)))
+
+    def full_level(self, shape: tuple[int, int]) -> int:
+        return max(self._bonds(shape))
+
+    def target_level(self, shape: tuple[int, int], target: float | int) -> int:
+        return max(1, super().target_level(shape, target))  # a TT rank is at least 1
+
+    def own_level(self, shape: tuple[int, int]) -> int | None:
+        if self.ranks is None:
+            return None
+        return max(_ranks(self.ranks, len(self._bonds(shape)) + 1))
+
+    def stored_size(self, X: Tensor, level: int | None) -> Tensor:
+        shape = (X.shape[-2], X.shape[-1])
+        size = tt_parameters(*self.layout(shape), self.tt_ranks(shape, level))
+        return torch.tensor(size, device=X.device)

@@ -431,10 +431,27 @@ def _hf(rank: int, tmp: Path) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "lightning": _lightning, "hf": _hf}
+def _ddp_l1(rank: int, tmp: Path) -> dict[str, Any]:
+    """prox="l1" (a map on the entries, no backend) shared across DDP ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _mlp()
+    ddp = DDP(model)
+    opt = proxrank.ProxRank(
+        torch.optim.AdamW(ddp.parameters(), lr=LR), ddp, lam=LAM, prox="l1", diagnostics=True
+    )
+    _train(ddp, opt, _local(_data(), rank))
+    return {
+        "weights": _weights(model),
+        "owned": opt.distributed.traffic.matrices,
+        "report": opt.report(),
+    }
+
+
+SCENARIOS = {"ddp": _ddp, "fsdp": _fsdp, "lightning": _lightning, "hf": _hf, "ddp_l1": _ddp_l1}
 #: How a scenario's ranks join the process group: we initialise it, or the framework does
 #: (from torchrun's environment variables), or the one process is a driver spawning its own.
-LAUNCH = {"ddp": "gloo", "fsdp": "gloo", "lightning": "driver", "hf": "env"}
+LAUNCH = {"ddp": "gloo", "fsdp": "gloo", "lightning": "driver", "hf": "env", "ddp_l1": "gloo"}
 
 
 def _worker(scenario: str, rank: int, world: int, port: int, tmp: str, results: Any) -> None:
@@ -538,6 +555,15 @@ def test_ddp_shares_the_prox_and_matches_one_process(tmp_path):
     assert _same(r0["after_error"], r1["after_error"])
     assert "on rank 1: weight 'module.0.weight'" in r0["input_error"]
     assert r0["input_error"] == r1["input_error"]
+
+
+@pytest.mark.slow
+def test_ddp_shares_the_l1_prox_and_matches_one_process(tmp_path):
+    r0, r1 = _launch("ddp_l1", tmp_path)
+    assert _same(r0["weights"], r1["weights"]) and r0["report"] == r1["report"]
+    assert r0["owned"] + r1["owned"] == 4 and min(r0["owned"], r1["owned"]) > 0
+    _close(r0["weights"], _reference(5, prox="l1"))
+    assert any((w == 0).any() for w in r0["weights"])
 
 
 @pytest.mark.slow
