@@ -260,12 +260,15 @@ class Metric(abc.ABC):
     ``needs_grads``: :meth:`observe_grad` is called once per optimizer step with the weight's
     gradient. ``needs_inputs``: :meth:`observe_input` is called on every forward pass of the
     layer (a forward pre-hook) with its input. Both only read ``state`` and return the updates
-    to store (so a failed step stores nothing).
+    to store (so a failed step stores nothing). ``needs_base_state``: :meth:`statistics` reads
+    the base optimizer's state of the parameter (with sharded parameters it is gathered whole,
+    on the matrix's owner, only for such metrics: see :mod:`proxrank.distributed`).
     """
 
     name: str = ""
     needs_grads: bool = False
     needs_inputs: bool = False
+    needs_base_state: bool = False
 
     def __init__(self, *, damping: float = 1e-2) -> None:
         self.damping = _check_damping(damping)
@@ -349,6 +352,7 @@ class AdamMetric(Metric):
     ``side`` as for :class:`FisherMetric`."""
 
     name = "adam"
+    needs_base_state = True
 
     def __init__(self, *, side: str = "out", damping: float = 1e-2) -> None:
         super().__init__(damping=damping)

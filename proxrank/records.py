@@ -112,7 +112,9 @@ class ProxStep:
     ``U diag(S_new) V^T``. ``tau`` is the threshold (``lam * lr``; NaN when a rank target set it
     from the spectrum), ``rank_target`` that target, ``method`` the backend's method and
     ``error_bound`` its certified bound on the distance to the exact prox, ``weight_dtype`` the
-    dtype ``X`` is written back in."""
+    dtype ``X`` is written back in. Across ranks (:mod:`proxrank.distributed`) only a matrix's
+    owner has ``W``, ``Y`` and ``X``: the other ranks' steps hold ``None`` there and are recorded
+    with what the owner measured (:meth:`proxrank.Diagnostics.measure`)."""
 
     name: str
     shape: tuple[int, int]
@@ -121,9 +123,9 @@ class ProxStep:
     rank_target: int | None
     lam: float
     lr: float
-    W: Tensor
-    Y: Tensor
-    X: Tensor
+    W: Tensor | None
+    Y: Tensor | None
+    X: Tensor | None
     S: Tensor
     S_new: Tensor
     error_bound: Tensor

@@ -42,7 +42,7 @@ from .selection import Target
 #: warns, naming it (the allocator itself is not sensitivity-aware).
 TINY_RANK_FRACTION = 32
 
-__all__ = ["RAMP_KINDS", "Plan", "Ramp", "Schedule"]
+__all__ = ["RAMP_KINDS", "Plan", "Ramp", "Schedule", "spectrum"]
 
 #: Ramp shapes: fraction ``x = (n - n0) / (n1 - n0)`` in [0, 1] -> weight of ``end``.
 RAMP_KINDS: dict[str, Callable[[float], float]] = {
@@ -270,10 +270,16 @@ class Schedule:
             budget_size(self.budget, shapes, cost_weights=cost_weights, min_rank=self.min_rank)
 
     def prepare(
-        self, n: int, targets: list[Target], states: list[dict[str, Any]]
+        self,
+        n: int,
+        targets: list[Target],
+        states: list[dict[str, Any]],
+        spectra: Callable[[list[Target]], list[torch.Tensor]] | None = None,
     ) -> list[dict[str, Any]]:
         """At the first step past warm-up, each matrix's final rank (``{"final_rank": r}``,
-        saved in ``state_dict``): from ``target``, or by allocating ``budget`` across layers.
+        saved in ``state_dict``): from ``target``, or by allocating ``budget`` across layers
+        from the spectra ``spectra(targets)`` (default: :func:`spectrum` of each parameter,
+        in this process; the optimizer passes one that shares the work across ranks).
         Returns the updates per matrix (empty when there is nothing to fix); reads ``states``
         (the schedule's state of each target) only."""
         none: list[dict[str, Any]] = [{} for _ in targets]
@@ -288,9 +294,12 @@ class Schedule:
                 r = self.target if isinstance(self.target, int) else math.ceil(self.target * k)
                 out.append({} if "final_rank" in st else {"final_rank": min(r, k)})
             return out
-        spectra = [torch.linalg.svdvals(t.view.read(t.param.detach()).double()) for t in targets]
+        if spectra is None:
+            values = [spectrum(t, t.param) for t in targets]
+        else:
+            values = spectra(targets)
         alloc = allocate_ranks(
-            spectra,
+            values,
             [t.shape2d for t in targets],
             budget=self.budget,
             tolerance=self.tolerance,
@@ -369,6 +378,12 @@ class Schedule:
     def __repr__(self) -> str:
         items = ", ".join(f"{k}={v!r}" for k, v in self.state_dict().items() if v is not None)
         return f"Schedule({items})"
+
+
+def spectrum(target: Target, param: torch.Tensor) -> torch.Tensor:
+    """The singular values (float64, descending) of ``target``'s matrix read from ``param``: its
+    parameter, or the whole of it gathered from shards."""
+    return torch.linalg.svdvals(target.view.read(param.detach()).double())
 
 
 def _per_layer(
