@@ -260,15 +260,16 @@ class Metric(abc.ABC):
     ``needs_grads``: :meth:`observe_grad` is called once per optimizer step with the weight's
     gradient. ``needs_inputs``: :meth:`observe_input` is called on every forward pass of the
     layer (a forward pre-hook) with its input. Both only read ``state`` and return the updates
-    to store (so a failed step stores nothing). ``needs_base_state``: :meth:`statistics` reads
-    the base optimizer's state of the parameter (with sharded parameters it is gathered whole,
-    on the matrix's owner, only for such metrics: see :mod:`proxrank.distributed`).
+    to store (so a failed step stores nothing). ``base_state_keys``: the keys of the base
+    optimizer's state of the parameter that :meth:`statistics` may read (with sharded
+    parameters only these are gathered whole, on the matrix's owner: see
+    :mod:`proxrank.distributed`; otherwise every tensor shaped like the parameter is given).
     """
 
     name: str = ""
     needs_grads: bool = False
     needs_inputs: bool = False
-    needs_base_state: bool = False
+    base_state_keys: tuple[str, ...] = ()
 
     def __init__(self, *, damping: float = 1e-2) -> None:
         self.damping = _check_damping(damping)
@@ -352,7 +353,7 @@ class AdamMetric(Metric):
     ``side`` as for :class:`FisherMetric`."""
 
     name = "adam"
-    needs_base_state = True
+    base_state_keys = SECOND_MOMENT_KEYS
 
     def __init__(self, *, side: str = "out", damping: float = 1e-2) -> None:
         super().__init__(damping=damping)

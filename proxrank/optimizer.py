@@ -566,16 +566,17 @@ class ProxRank(Optimizer):
 
     def _add_jobs(self, work: _Work, active: list[int], options: list[_Options]) -> None:
         """The jobs of the ``active`` matrices. Across ranks a matrix's metric weighting is
-        computed by its owner only (from the base optimizer's state gathered whole there, for
-        a metric that reads it, when sharded), and an error any rank met is raised on all."""
+        computed by its owner only (from the base optimizer's state that the metric reads,
+        gathered whole there when sharded), and an error any rank met is raised on all."""
         engine = self.distributed
         whole: dict[int, Tensor] = {}
         if engine is not None and engine.sharded:
             pairs = [
                 (self._records[i].target, v)
                 for i in active
-                if options[self._group_index[i]].metric.needs_base_state
-                for v in self._base_tensors(self._records[i].target)
+                for v in self._base_tensors(
+                    self._records[i].target, options[self._group_index[i]].metric
+                )
             ]
             whole = engine.gather([t for t, _ in pairs], [v for _, v in pairs])
         error = None
@@ -596,11 +597,15 @@ class ProxRank(Optimizer):
         elif error is not None:
             raise error
 
-    def _base_tensors(self, t: Target) -> list[Tensor]:
-        """The base optimizer's tensors of ``t``'s parameter shaped like it (a metric reads
-        them: ``exp_avg_sq``...)."""
+    def _base_tensors(self, t: Target, metric: Metric) -> list[Tensor]:
+        """The base optimizer's tensors of ``t``'s parameter that ``metric`` reads
+        (:attr:`proxrank.metrics.Metric.base_state_keys`), shaped like the parameter."""
         state = self.optimizer.state.get(t.param, {})
-        return [v for v in state.values() if isinstance(v, Tensor) and v.shape == t.param.shape]
+        return [
+            v
+            for k, v in state.items()
+            if k in metric.base_state_keys and isinstance(v, Tensor) and v.shape == t.param.shape
+        ]
 
     def _current(self, index: int, namespace: str, work: _Work) -> dict[str, Any]:
         """A matrix's state in ``namespace`` as this step sees it: the stored state (none after
