@@ -3,30 +3,50 @@
 Under data parallelism every rank would otherwise repeat the same decompositions. The engine
 splits them: each selected **parameter** (all the matrices of it: the ``q``/``k``/``v`` blocks
 of an attention weight go together) gets one owning rank, the owners are chosen by longest
-processing time first on the cost ``m n min(m, n)`` of a matrix's decomposition, and each rank
-makes the backend calls for its own matrices only (same batching as one process). Then:
+processing time first on the cost ``m n min(m, n)`` of a matrix's decomposition, over every
+selected matrix (so a matrix keeps its owner from step to step), and each rank makes the backend
+calls for its own matrices only (same batching as one process). Then:
 
 * **replicated parameters** (DDP, or any setting where every rank holds the whole weight):
   each owner broadcasts what every rank needs of its outcomes: the new matrix ``X``, the
   singular values ``S`` and thresholded ``S_new``, the error bound and the backend's new
-  per-matrix state (warm-start basis included), plus the matrix ``Y`` when diagnostics are on.
-  Every rank then commits the same bits: weights and state stay identical on every rank.
+  per-matrix state (warm-start basis included). Every rank then commits the same bits: weights
+  and state stay identical on every rank.
 * **sharded parameters** (FSDP2's ``fully_shard``: ``DTensor`` with ``Shard(0)`` on a 1-D mesh):
   the owner gathers the row shards of its parameters (``dist.gather``), applies the prox to the
   full matrices, and scatters the rows back (``dist.scatter``); a rank holds no full parameter
   but the ones it owns. ``S``, ``S_new``, the bound and the backend state are broadcast as
   above (never ``X``).
 
-The backend's random generators (used by the fast backends' probes) are set to rank 0's after
-every step, so that a checkpoint of any rank resumes every rank exactly. Statistics of layer
-inputs (the ``"activation"`` and ``"two_sided"`` metrics) differ per rank, since every rank sees
-other data: every tensor of such a matrix's ``metric`` state is averaged across ranks at each
-step, before it is used. The statistics are running means or EMAs, which are affine in each
-input's statistic, so the average equals the statistic of the global batch (same number of
-samples per rank). Gradient statistics need nothing: DDP has already averaged the gradients.
+Everything else that needs a whole matrix is done the same way, by its owner, and only small
+results travel (:meth:`Engine.on_owners`): the metric weighting of a matrix is computed by its
+owner only; a budget schedule's spectra are computed by the owners and every rank allocates
+from the same spectra; diagnostics are measured by the owner (norms of ``W``, ``Y``, ``X`` and
+of the realised step, a few numbers per matrix; ``X_prev`` is kept there) and every rank
+records the same figures, the loss averaged over the ranks.
 
-A failure on one rank (a decomposition that does not converge) is raised on every rank, before
-anything is written, so no rank is left waiting in a collective.
+Statistics are the same on every rank, and equal to one process's on the global batch (equal
+batches per rank):
+
+* **layer inputs** (``"activation"``, the ``B`` of ``"two_sided"``) differ per rank, since every
+  rank sees other data: every tensor of such a matrix's ``metric`` state is averaged across
+  ranks at each step, before it is used. The statistics are running means or EMAs, affine in
+  each input's statistic, so the average is the statistic of the global batch.
+* **gradients** (``"fisher"``, the ``A`` of ``"two_sided"``): DDP and FSDP2 have averaged the
+  gradients. Replicated, every rank updates every statistic from its whole gradient (the same
+  bits); sharded, the owner gathers the whole gradient of its parameters, updates the statistic
+  (a vector per matrix) and sends it to every rank. Reducing per-shard statistics instead would
+  need the layout of every matrix view (blocks, transposed ``Conv1D`` weights) in the shards.
+* **base optimizer state** (``"adam"``): read only where the weighting is computed, on the
+  owner; sharded, the owner gathers the keys the metric names
+  (:attr:`proxrank.metrics.Metric.base_state_keys`) of its parameters. Nothing is stored.
+
+The backend's random generators (used by the fast backends' probes) are set to rank 0's after
+every step, so that a checkpoint of any rank resumes every rank exactly.
+
+A failure on one rank (a decomposition that does not converge, a statistic or weighting that
+cannot be computed) is raised on every rank, before anything is written, so no rank is left
+waiting in a collective.
 """
 
 from __future__ import annotations
