@@ -787,12 +787,12 @@ class ProxRank(Optimizer):
         outs = self._run_batch(batch, full)
         if self.tracker is None:
             return outs
-        measured = []
+        outcomes = []
         for job, out in zip(batch, outs, strict=True):
             p = self._records[job.index].target.param
             step = self._prox_step(job, out, full.get(id(p), p))
-            measured.append(out._replace(measured=self.tracker.measure(step)))
-        return measured
+            outcomes.append(out._replace(measured=self.tracker.measure(step)))
+        return outcomes
 
     @torch.no_grad()
     def _commit(self, work: _Work, outcomes: list[_Outcome]) -> None:

@@ -726,6 +726,50 @@ def test_distributed_option():
     assert proxrank.ProxRank(base, model, lam=0.1, distributed=False).distributed is None
 
 
+def test_diagnostics_recorded_from_the_owners_measures():
+    """A rank recording the owner's measures (without the matrices) holds the same figures as
+    the owner and as one process; it drops its ``X_prev``, so when it owns the matrix again
+    its realised step is unknown (NaN), not measured from a stale output."""
+    from dataclasses import replace
+
+    from proxrank.prox import SoftThreshold
+    from proxrank.records import ProxStep
+
+    w = nn.Parameter(torch.zeros(4, 3))
+    trackers = [proxrank.Diagnostics() for _ in range(3)]
+    opts = [  # each tracker bound to an optimizer (kept alive here)
+        proxrank.ProxRank(torch.optim.SGD([w], lr=0.1), [("w", w)], lam=1.0, diagnostics=d)
+        for d in trackers
+    ]
+    alone, owner, other = trackers
+    g = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(5)]
+
+    def prox_step(t):
+        W, X = outputs[t] + 0.1, outputs[t + 1]
+        return ProxStep(
+            name="w", shape=(4, 3), prox=SoftThreshold(), tau=0.1, rank_target=None, lam=1.0,
+            lr=0.1, W=W, Y=W, X=X, S=torch.linalg.svdvals(W), S_new=torch.linalg.svdvals(X),
+            error_bound=torch.tensor(0.0), method="exact", weight_dtype=torch.float64,
+        )
+
+    for t in range(3):  # "other" owns the matrix at step 0, "owner" at steps 1 and 2
+        step = prox_step(t)
+        alone.record(step)
+        measurer, recorder = (other, owner) if t == 0 else (owner, other)
+        measured = measurer.measure(step)
+        measurer.record(step, measured)
+        recorder.record(replace(step, W=None, Y=None, X=None), measured)
+        for d in trackers:
+            d.end_step()
+    assert repr(alone.snapshot()) == repr(owner.snapshot()) == repr(other.snapshot())
+    assert owner.snapshot().layers[0].relative_step > 0
+    step = prox_step(3)
+    assert not owner.measure(step).norms[3].isnan()
+    assert other.measure(step).norms[3].isnan()
+    assert len(opts) == 3
+
+
 def test_checkpoint_loads_with_weights_only(tmp_path):
     model = _mlp()
     opt = proxrank.ProxRank(torch.optim.AdamW(model.parameters(), lr=LR), model, lam=LAM)
