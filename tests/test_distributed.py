@@ -93,11 +93,20 @@ def _local(data, rank):
             for X, Y in data]
 
 
-def _train(model, opt, batches) -> None:
+def _train(model, opt, batches, closure: bool = False) -> None:
+    """Steps on ``batches``, the loss handed to the diagnostics (or returned by a closure)."""
     for X, Y in batches:
-        opt.zero_grad()
-        loss = F.mse_loss(model(X), Y)
-        loss.backward()
+
+        def loss_and_grad(X=X, Y=Y):
+            opt.zero_grad()
+            loss = F.mse_loss(model(X), Y)
+            loss.backward()
+            return loss
+
+        if closure:
+            opt.step(loss_and_grad)
+            continue
+        loss = loss_and_grad()
         if getattr(opt, "tracker", None) is not None:  # the diagnostics' loss
             opt.tracker.observe_loss(loss)
         opt.step()
@@ -145,20 +154,25 @@ def _reference(
     return _reference_run(steps, metric=metric, backend=backend, lam=LAM, **kw)[0]
 
 
-def _reference_run(steps: int, **kw: Any) -> tuple[list[np.ndarray], proxrank.ProxRank]:
+def _reference_run(
+    steps: int, closure: bool = False, **kw: Any
+) -> tuple[list[np.ndarray], proxrank.ProxRank]:
     """One process on the global batches: the weights after ``steps`` steps, the optimizer."""
     model = _mlp()
     opt = proxrank.ProxRank(torch.optim.AdamW(model.parameters(), lr=LR), model, **kw)
-    _train(model, opt, _data()[:steps])
+    _train(model, opt, _data()[:steps], closure)
     return _weights(model), opt
 
 
 def _whole_runs() -> dict[str, dict[str, Any]]:
     """What needs whole matrices under FSDP2, each run for ``WHOLE_STEPS`` steps: metrics that
-    read gradients or the base optimizer's state, diagnostics, a budget's spectra."""
+    read gradients or the base optimizer's state, diagnostics, a budget's spectra (and a
+    closure: the gradients exist only after the base step, the loss comes from it)."""
     return {
         "fisher": dict(lam=LAM, metric="fisher", diagnostics=True, backend="exact"),
-        "two_sided": dict(lam=LAM, metric="two_sided", backend="exact"),
+        "two_sided": dict(
+            lam=LAM, metric="two_sided", diagnostics=True, backend="exact", closure=True
+        ),
         "adam": dict(lam=LAM, metric="adam", backend="exact"),
         "budget": dict(schedule=_budget(), diagnostics=True, backend="exact"),
     }
@@ -363,13 +377,14 @@ def _fsdp(rank: int, tmp: Path) -> dict[str, Any]:
 
     # whole matrices on their owners: gradients, optimizer state, spectra, diagnostics
     for name, kw in _whole_runs().items():
+        closure = kw.pop("closure", False)
         model5 = _mlp()
         for layer in model5:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer)
         fully_shard(model5)
         opt5 = proxrank.ProxRank(torch.optim.AdamW(model5.parameters(), lr=LR), model5, **kw)
-        _train(model5, opt5, local[:WHOLE_STEPS])
+        _train(model5, opt5, local[:WHOLE_STEPS], closure)
         out[name] = _weights(model5)
         out[name + "_state"] = _state_arrays(opt5)
         if opt5.tracker is not None:
@@ -665,6 +680,7 @@ def test_fsdp2_shards_the_prox_and_resumes_from_a_distributed_checkpoint(tmp_pat
         if opt.tracker is not None:
             assert r0[name + "_report"] == r1[name + "_report"]
             assert repr(r0[name + "_diagnostics"]) == repr(r1[name + "_diagnostics"])
+            assert r0[name + "_diagnostics"]["loss"] is not None  # the ranks' mean
             _close_diagnostics(r0[name + "_diagnostics"], opt.diagnostics().to_dict())
     ranks = [int(r) for r in r0["budget_state"][-4:]]
     assert any(0 <= r < k for r, k in zip(ranks, (12, 24, 24, 7), strict=True)), ranks
