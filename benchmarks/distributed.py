@@ -19,7 +19,9 @@ Per rank and step (medians over the steps after ``--warmup``):
   (``ProxRank.distributed.traffic``), ``meta``: pickled metadata bytes (all-gathered).
 
 With ``--fsdp`` the ranks shard every encoder layer with FSDP2's ``fully_shard`` instead
-(the prox gathers each parameter on its owner and scatters it back).
+(the prox gathers each parameter on its owner and scatters it back). ``--metric`` and
+``--diagnostics`` add what the owners compute besides the prox (gradient or optimizer-state
+gathers for ``fisher``/``adam``, the diagnostics' measures).
 
 Run: ``python benchmarks/distributed.py`` (``--quick``: d=96, 2 layers, batch 4 x 32).
 """
@@ -100,7 +102,8 @@ def run_rank(rank: int, world: int, port: int, args: argparse.Namespace, results
             net = DDP(model)
         backend = TimedBackend(args.backend)
         opt = proxrank.ProxRank(
-            torch.optim.AdamW(net.parameters(), lr=args.lr), net, lam=args.lam, backend=backend
+            torch.optim.AdamW(net.parameters(), lr=args.lr), net, lam=args.lam, backend=backend,
+            metric=args.metric, diagnostics=args.diagnostics,
         )
         twin_opt = torch.optim.AdamW(twin.parameters(), lr=args.lr)
         g = torch.Generator().manual_seed(0)
@@ -180,13 +183,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--quick", action="store_true", help="d=96, 2 layers, batch 4 x 32")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP for N > 1")
+    ap.add_argument("--metric", default="euclidean", help="ProxRank(metric=...)")
+    ap.add_argument("--diagnostics", action="store_true", help="ProxRank(diagnostics=True)")
     ap.add_argument("--out", default="bench-results/distributed.json")
     args = ap.parse_args()
     if args.quick:
         args.d, args.layers, args.batch, args.seq = 96, 2, 4, 32
     print(
         f"encoder {args.layers}x d={args.d}, FFN {4 * args.d}, global batch {args.batch}x"
-        f"{args.seq}, AdamW + ProxRank(backend={args.backend!r}, lam={args.lam}), "
+        f"{args.seq}, AdamW + ProxRank(backend={args.backend!r}, lam={args.lam}, "
+        f"metric={args.metric!r}, diagnostics={args.diagnostics}), "
         f"{'FSDP2' if args.fsdp else 'DDP'}, "
         f"{args.threads} thread(s) per process; medians of {args.steps} steps after "
         f"{args.warmup} warm-up steps",

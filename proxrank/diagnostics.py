@@ -85,7 +85,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -105,6 +105,7 @@ __all__ = [
     "History",
     "JSONLinesLogger",
     "LayerDiagnostics",
+    "Measured",
     "ModelDiagnostics",
     "TensorBoardLogger",
     "json_safe",
@@ -125,6 +126,19 @@ STAT_FIELDS = (
     "zero_cols",
     "stored_size",
 )
+
+
+class Measured(NamedTuple):
+    """The figures of one prox step that read its matrices (:meth:`Diagnostics.measure`),
+    small enough to send to every rank: ``norms`` holds ``||Y||_F^2``, ``||X - W||_F``,
+    ``||X||_F``, ``||X - X_prev||_F`` (NaN without ``X_prev``), the share of zero entries of
+    ``X``, its zero rows and zero columns and, for a :class:`~proxrank.prox.MatrixMap` (NaN
+    otherwise), the size of ``X`` in the map's structure and its regulariser (without
+    ``lam``); ``spectrum`` the input's singular values as kept for :meth:`Diagnostics.plot`
+    (empty for a :class:`~proxrank.prox.MatrixMap`)."""
+
+    norms: Tensor
+    spectrum: Tensor
 
 
 @dataclass(frozen=True)
@@ -309,6 +323,7 @@ class _Layer:
         self.reg: Tensor | None = None  # lam R(X) of the last output
         self.reg_in: Tensor | None = None  # lam R(W_t): the value at the previous step
         self.prev: Tensor | None = None  # the last output, for the realised step
+        self.pending: tuple[int, Tensor] | None = None  # (step, output) measured, not recorded
         self.spectra: tuple[Tensor, Tensor] | None = None  # (before, after)
         self.prox = ""  # the map's name
         self.tt_ranks: tuple[int, ...] | None = None
@@ -326,7 +341,7 @@ class _Layer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for k in self._SAVED:
             setattr(self, k, sd.get(k, self._DEFAULTS[k]) if k in self._DEFAULTS else sd[k])
-        self.reg_in, self.prev, self.spectra = None, None, None
+        self.reg_in, self.prev, self.pending, self.spectra = None, None, None, None
 
 
 class Diagnostics:
@@ -415,27 +430,63 @@ class Diagnostics:
 
     # -- recording (hot path: tensors only, no synchronisation) ---------------------------
     @torch.no_grad()
-    def record(self, step: ProxStep) -> None:
-        """Update one matrix from the :class:`proxrank.records.ProxStep` its prox emitted (the
-        optimizer calls it before ``X`` is written into the parameter: ``W`` may share its
-        storage)."""
+    def measure(self, step: ProxStep) -> Measured:
+        """The figures of ``step`` that read its matrices ``W``, ``Y`` and ``X`` (which it must
+        hold), for :meth:`record`; keeps ``X`` as the next ``X_prev`` (with ``track_step``).
+        Under :mod:`proxrank.distributed` a matrix's owner measures it and every rank records
+        the (small) result, so no rank needs the matrices it does not own."""
         layer = self._layer(step)
-        S_new, X, W, Y = step.S_new, step.X, step.W, step.Y
+        X, W, Y = step.X, step.W, step.Y
         nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
-        in_sq = torch.linalg.vector_norm(Y).square()
+        stored, reg_value, spectrum = nan, nan, X.new_zeros(0)
+        if isinstance(step.prox, MatrixMap):  # no spectrum: the size in its structure instead
+            stored = step.prox.stored_size(X, step.rank_target).to(X.dtype)
+            reg_value = step.prox.regularizer(X).to(X.dtype)
+        else:
+            spectrum = self._spectrum_before(layer, Y, step.S)
+        nonzero = X.ne(0)
+        norms = torch.stack(
+            [
+                torch.linalg.vector_norm(Y).square(),
+                torch.dist(X, W),  # prox residual
+                torch.linalg.vector_norm(X),
+                self._realised_step(layer, step),
+                1 - nonzero.sum() / max(X.numel(), 1),  # sparsity
+                (~nonzero.any(dim=1)).sum().to(X.dtype),  # zero rows
+                (~nonzero.any(dim=0)).sum().to(X.dtype),  # zero columns
+                stored,
+                reg_value,
+            ]
+        )
+        return Measured(norms, spectrum)
+
+    @torch.no_grad()
+    def record(self, step: ProxStep, measured: Measured | None = None) -> None:
+        """Update one matrix from the :class:`proxrank.records.ProxStep` its prox emitted and
+        its :meth:`measure` (taken here from ``step``'s matrices when not given; the optimizer
+        calls it before ``X`` is written into the parameter: ``W`` may share its storage)."""
+        measured = self.measure(step) if measured is None else measured
+        layer = self._layer(step)
+        S_new = step.S_new
+        in_sq, residual, out_norm, step_norm, sparsity, zero_rows, zero_cols, stored, reg_value = (
+            measured.norms.unbind()
+        )
+        ref = measured.norms
+        nan = torch.full((), math.nan, dtype=ref.dtype, device=ref.device)
         lam = step.tau / step.lr if step.lr > 0 and step.rank_target is None else math.nan
         reg = nan  # also while a rank target sets the threshold from the spectrum (lam is NaN)
-        stored = nan  # the size in a MatrixMap's structure
         if S_new is None:  # a MatrixMap: no spectrum
             prox: MatrixMap = step.prox  # type: ignore[assignment]
             rank = effective_rank = nuclear = nan
-            structure = stored = prox.stored_size(X, step.rank_target).to(X.dtype)
-            out_sq = torch.linalg.vector_norm(X).square()
-            reg = prox.regularizer(X) * (0.0 if prox.levels else lam)  # a projection: 0
+            structure = stored
+            out_sq = out_norm.square()
+            reg = reg_value * (0.0 if prox.levels else lam)  # a projection: 0
         else:
             # the rank factorize would find: rounding noise a decayed threshold kept is not rank
             rtol = default_rtol(*step.shape, step.weight_dtype)
-            rank = torch.count_nonzero(S_new > rtol * S_new.amax()) if S_new.numel() else _zero(X)
+            rank = (
+                torch.count_nonzero(S_new > rtol * S_new.amax()) if S_new.numel() else _zero(ref)
+            )
             structure = rank
             # spectral figures are those of the regularised matrix Y (A^{1/2} W B^{1/2})
             nuclear = S_new.sum()
@@ -445,12 +496,19 @@ class Diagnostics:
             if isinstance(step.prox, SoftThreshold):
                 reg = lam * nuclear
             elif isinstance(step.prox, HardThreshold):
-                reg = lam * rank.to(X.dtype)
+                reg = lam * rank.to(ref.dtype)
         energy_removed = torch.where(in_sq > 0, 1 - out_sq / in_sq, 0).clamp(0, 1)
         # steps are measured in the weight's own coordinates
-        step_norm, relative_step = self._realised_step(layer, step, torch.linalg.vector_norm(X))
+        relative_step = nan
+        if layer.norm is not None:  # NaN without X_prev (then step_norm is NaN)
+            scale = torch.maximum(out_norm, layer.norm.to(out_norm))
+            relative_step = torch.where(scale > 0, step_norm / torch.where(scale > 0, scale, 1), 0)
+            relative_step = torch.where(step_norm.isnan(), nan, relative_step)
+        layer.norm = out_norm
+        pending, layer.pending = layer.pending, None  # measured here at this step, or not here
+        layer.prev = pending[1] if pending is not None and pending[0] == self._step else None
 
-        zero = _zero(X)
+        zero = _zero(ref)
         if layer.rank is None or layer.rank.dtype != structure.dtype:  # first step, or new map
             layer.since_rank = layer.below_tol = zero - 1  # both become 0 below
             layer.rank = structure
@@ -460,20 +518,19 @@ class Diagnostics:
 
         layer.reg_in, layer.reg = (nan if layer.reg is None else layer.reg), reg
         layer.rank = structure
-        nonzero = X.ne(0)
         layer.stats = torch.stack(
             [
-                rank.to(X.dtype),
-                effective_rank.to(X.dtype),
-                nuclear,
-                energy_removed,
-                torch.dist(X, W),  # prox residual
+                rank.to(ref.dtype),
+                effective_rank.to(ref.dtype),
+                nuclear.to(ref.dtype),
+                energy_removed.to(ref.dtype),
+                residual,
                 step_norm / step.lr if step.lr > 0 else nan,  # gradient mapping
                 relative_step,
-                step.error_bound.to(dtype=X.dtype, device=X.device).reshape(()),
-                1 - nonzero.sum() / max(X.numel(), 1),  # sparsity
-                (~nonzero.any(dim=1)).sum().to(X.dtype),  # zero rows
-                (~nonzero.any(dim=0)).sum().to(X.dtype),  # zero columns
+                step.error_bound.to(dtype=ref.dtype, device=ref.device).reshape(()),
+                sparsity,
+                zero_rows,
+                zero_cols,
                 stored,
             ]
         )
@@ -491,28 +548,22 @@ class Diagnostics:
         if isinstance(step.prox, MatrixMap):
             layer.tt_ranks = step.prox.tt_ranks(step.shape, step.rank_target)
         else:
-            layer.spectra = (self._spectrum_before(layer, Y, step.S), S_new.detach())
+            layer.spectra = (measured.spectrum, S_new.detach())
         self._recorded.append(layer)
 
-    def _realised_step(
-        self, layer: _Layer, step: ProxStep, out_norm: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``||X - X_prev||_F`` and its relative size (NaN without ``X_prev``); keeps ``X`` as the
-        next ``X_prev`` when ``track_step`` (the prox's fresh output, never a view of the
-        weight, cast to the weight's dtype: what is written back)."""
+    def _realised_step(self, layer: _Layer, step: ProxStep) -> Tensor:
+        """``||X - X_prev||_F``, NaN without ``X_prev`` (``track_step=False``, just resumed,
+        or, across ranks, this rank did not measure the matrix's last record: its owner
+        changed). ``X`` becomes the next ``X_prev`` when this step is recorded (with
+        ``track_step``: the prox's fresh output, never a view of the weight, cast to the
+        weight's dtype: what is written back)."""
         X = step.X
         written = X.to(step.weight_dtype)
-        nan = torch.full((), math.nan, dtype=X.dtype, device=X.device)
-        step_norm, relative = nan, nan
-        prev, layer.prev = layer.prev, None
-        if prev is not None and prev.shape == written.shape:
-            step_norm = torch.dist(written.to(X.dtype), prev.to(X.dtype))
-            scale = torch.maximum(out_norm, layer.norm.to(X))
-            relative = torch.where(scale > 0, step_norm / torch.where(scale > 0, scale, 1), 0)
-        layer.norm = out_norm
-        if self.track_step:  # X is the prox's fresh output, never a view of the weight
-            layer.prev = written.detach()
-        return step_norm, relative
+        step_norm = torch.full((), math.nan, dtype=X.dtype, device=X.device)
+        if layer.prev is not None and layer.prev.shape == written.shape:
+            step_norm = torch.dist(written.to(X.dtype), layer.prev.to(X.dtype))
+        layer.pending = (self._step, written.detach()) if self.track_step else None
+        return step_norm
 
     def _spectrum_before(self, layer: _Layer, Y: Tensor, S: Tensor) -> Tensor:
         """The input's singular values as the backend returned them; all of them every
@@ -547,6 +598,9 @@ class Diagnostics:
             loss = loss.reshape(()) if loss.numel() == 1 else None
         elif not isinstance(loss, int | float) or isinstance(loss, bool):
             loss = None
+        engine = self.optimizer.distributed
+        if engine is not None:  # each rank's loss of its own batch: their mean, on every rank
+            loss = engine.mean(loss)
         self._loss = loss
         self._objective = None
         if loss is not None and self._recorded:

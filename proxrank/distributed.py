@@ -3,35 +3,56 @@
 Under data parallelism every rank would otherwise repeat the same decompositions. The engine
 splits them: each selected **parameter** (all the matrices of it: the ``q``/``k``/``v`` blocks
 of an attention weight go together) gets one owning rank, the owners are chosen by longest
-processing time first on the cost ``m n min(m, n)`` of a matrix's decomposition, and each rank
-makes the backend calls for its own matrices only (same batching as one process). Then:
+processing time first on the cost ``m n min(m, n)`` of a matrix's decomposition, over every
+selected matrix (so a matrix keeps its owner from step to step), and each rank makes the backend
+calls for its own matrices only (same batching as one process). Then:
 
 * **replicated parameters** (DDP, or any setting where every rank holds the whole weight):
   each owner broadcasts what every rank needs of its outcomes: the new matrix ``X``, the
   singular values ``S`` and thresholded ``S_new``, the error bound and the backend's new
-  per-matrix state (warm-start basis included), plus the matrix ``Y`` when diagnostics are on.
-  Every rank then commits the same bits: weights and state stay identical on every rank.
+  per-matrix state (warm-start basis included). Every rank then commits the same bits: weights
+  and state stay identical on every rank.
 * **sharded parameters** (FSDP2's ``fully_shard``: ``DTensor`` with ``Shard(0)`` on a 1-D mesh):
   the owner gathers the row shards of its parameters (``dist.gather``), applies the prox to the
   full matrices, and scatters the rows back (``dist.scatter``); a rank holds no full parameter
   but the ones it owns. ``S``, ``S_new``, the bound and the backend state are broadcast as
   above (never ``X``).
 
-The backend's random generators (used by the fast backends' probes) are set to rank 0's after
-every step, so that a checkpoint of any rank resumes every rank exactly. Statistics of layer
-inputs (the ``"activation"`` and ``"two_sided"`` metrics) differ per rank, since every rank sees
-other data: every tensor of such a matrix's ``metric`` state is averaged across ranks at each
-step, before it is used. The statistics are running means or EMAs, which are affine in each
-input's statistic, so the average equals the statistic of the global batch (same number of
-samples per rank). Gradient statistics need nothing: DDP has already averaged the gradients.
+Everything else that needs a whole matrix is done the same way, by its owner, and only small
+results travel (:meth:`Engine.on_owners`): the metric weighting of a matrix is computed by its
+owner only; a budget schedule's spectra are computed by the owners and every rank allocates
+from the same spectra; diagnostics are measured by the owner (norms of ``W``, ``Y``, ``X`` and
+of the realised step, a few numbers per matrix; ``X_prev`` is kept there) and every rank
+records the same figures, the loss averaged over the ranks.
 
-A failure on one rank (a decomposition that does not converge) is raised on every rank, before
-anything is written, so no rank is left waiting in a collective.
+Statistics are the same on every rank, and equal to one process's on the global batch (equal
+batches per rank):
+
+* **layer inputs** (``"activation"``, the ``B`` of ``"two_sided"``) differ per rank, since every
+  rank sees other data: every tensor of such a matrix's ``metric`` state is averaged across
+  ranks at each step, before it is used. The statistics are running means or EMAs, affine in
+  each input's statistic, so the average is the statistic of the global batch.
+* **gradients** (``"fisher"``, the ``A`` of ``"two_sided"``): DDP and FSDP2 have averaged the
+  gradients. Replicated, every rank updates every statistic from its whole gradient (the same
+  bits); sharded, the owner gathers the whole gradient of its parameters, updates the statistic
+  (a vector per matrix) and sends it to every rank. Reducing per-shard statistics instead would
+  need the layout of every matrix view (blocks, transposed ``Conv1D`` weights) in the shards.
+* **base optimizer state** (``"adam"``): read only where the weighting is computed, on the
+  owner; sharded, the owner gathers the keys the metric names
+  (:attr:`proxrank.metrics.Metric.base_state_keys`) of its parameters. Nothing is stored.
+
+The backend's random generators (used by the fast backends' probes) are set to rank 0's after
+every step, so that a checkpoint of any rank resumes every rank exactly.
+
+A failure on one rank (a decomposition that does not converge, a statistic or weighting that
+cannot be computed) is raised on every rank, before anything is written, so no rank is left
+waiting in a collective.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .metrics import AdamMetric, Metric
+from .metrics import Metric
 from .selection import Target
 
 __all__ = ["Checkpointed", "Engine", "Traffic", "assign_owners", "finite_operand", "is_sharded"]
@@ -118,9 +139,10 @@ if hasattr(torch.serialization, "add_safe_globals"):  # torch.load(weights_only=
 
 @dataclass(frozen=True)
 class Traffic:
-    """What the last step's shared prox did on this rank: the matrices whose prox this rank
-    computed, the bytes of tensor payload it sent and received (broadcasts counted once per
-    receiver; gathers and scatters by their shards) and of pickled metadata it exchanged."""
+    """What the last step did on this rank: the matrices whose prox this rank computed, the
+    bytes of tensor payload it sent and received (broadcasts counted once per receiver; gathers
+    and scatters by their shards; the prox's and those of the owners' other work: gradients,
+    optimizer state, spectra, diagnostics) and of pickled metadata it exchanged."""
 
     matrices: int = 0
     sent: int = 0
@@ -193,8 +215,9 @@ def _rows(d0: int, world: int, rank: int) -> tuple[int, int]:
 
 class Engine:
     """The shared prox of one :class:`proxrank.ProxRank` across the ranks of a process group
-    (see the module docstring). Built by :meth:`detect`; the optimizer calls :meth:`prepare`,
-    :meth:`all_ranks`, :meth:`compute` and :meth:`commit` from its step."""
+    (see the module docstring). Built by :meth:`detect`; the optimizer calls :meth:`prepare`
+    first in each step, then :meth:`all_ranks`, :meth:`on_owners`, :meth:`gather`,
+    :meth:`compute` and :meth:`commit`."""
 
     def __init__(self, group: Any, sharded: bool, device: torch.device) -> None:
         self.group = group
@@ -206,15 +229,14 @@ class Engine:
         self.traffic = Traffic()
         self._scatters: list[tuple[int, list[Tensor]]] = []
         self._full: dict[int, Tensor] = {}
+        self._owner_of: dict[int, int] = {}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Engine:
         """A copy on the same process group (groups are not copied)."""
         return type(self)(self.group, self.sharded, self.device)
 
     @classmethod
-    def detect(
-        cls, targets: Sequence[Target], option: bool | None, *, tracked: bool, budget: bool
-    ) -> Engine | None:
+    def detect(cls, targets: Sequence[Target], option: bool | None) -> Engine | None:
         """The engine for these matrices: sharded when their parameters are ``DTensor``s,
         replicated when a process group of several ranks is initialised, none otherwise or
         with ``option=False``. ``option=True`` requires one."""
@@ -229,7 +251,7 @@ class Engine:
                 )
             return None
         if sharded:
-            return cls._sharded(targets, sharded, tracked=tracked, budget=budget)
+            return cls._sharded(targets, sharded)
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             if option:
                 raise ValueError(
@@ -241,9 +263,7 @@ class Engine:
         return cls(dist.group.WORLD, sharded=False, device=targets[0].param.device)
 
     @classmethod
-    def _sharded(
-        cls, targets: Sequence[Target], sharded: list[Target], *, tracked: bool, budget: bool
-    ) -> Engine:
+    def _sharded(cls, targets: Sequence[Target], sharded: list[Target]) -> Engine:
         first = sharded[0].param
         mesh = first.device_mesh
         for t in targets:
@@ -256,34 +276,19 @@ class Engine:
                     "mesh, every selected weight alike); HSDP and tensor parallelism are not "
                     "supported yet. Exclude the weight (exclude=...)"
                 )
-        if tracked:
-            raise NotImplementedError(
-                "diagnostics with sharded (FSDP2) parameters are not supported yet: a rank "
-                "holds only the full matrices it owns. Build the ProxRank without diagnostics"
-            )
-        if budget:
-            raise NotImplementedError(
-                "a budget schedule with sharded (FSDP2) parameters is not supported yet: its "
-                "allocation needs every full spectrum on every rank"
-            )
         return cls(mesh.get_group(), sharded=True, device=first.to_local().device)
 
     # -- before the step -------------------------------------------------------------------
     def prepare(self, records: Sequence[Any], metrics: Sequence[Metric]) -> dict[int, dict]:
-        """The ``metric`` updates that make input statistics the same on every rank: each
-        tensor in the state of a matrix whose metric gathers inputs, averaged across ranks (one
-        all-reduce per dtype). Raises for a metric the sharded engine cannot serve: one that
-        reads gradients or the base optimizer's state (a custom metric's ``statistics`` gets
-        no base-optimizer state for sharded parameters)."""
+        """Start a step: settle the owner of every selected matrix (:meth:`owner`) and return
+        the ``metric`` updates that make input statistics the same on every rank: each tensor
+        in the state of a matrix whose metric gathers inputs, averaged across ranks (one
+        all-reduce per dtype)."""
+        self.traffic = Traffic()
+        self._owner_of = self._assign([rec.target for rec in records])
         tensors: list[Tensor] = []
         packed = {}
         for i, (rec, metric) in enumerate(zip(records, metrics, strict=True)):
-            if self.sharded and (metric.needs_grads or isinstance(metric, AdamMetric)):
-                raise NotImplementedError(
-                    f"weight {rec.name!r}: metric={metric.name!r} with sharded (FSDP2) "
-                    "parameters is not supported yet (its statistics would need every full "
-                    "gradient or optimizer state); use 'euclidean' or 'activation'"
-                )
             if metric.needs_inputs and rec.metric:
                 packed[i] = _pack(rec.metric, tensors)
         if not tensors:
@@ -308,6 +313,28 @@ class Engine:
                 return m if self.world == 1 else f"on rank {r}: {m}"
         return None
 
+    def raise_first(self, error: Exception | None) -> None:
+        """Raise on every rank the first rank's error (this rank's own, when it had one; the
+        other ranks' with their type and message, prefixed with the rank), or return when no
+        rank had one (one all-gather)."""
+        mine = None if error is None else (type(error), str(error))
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine, group=self.group)
+        self._raise(gathered, error)
+
+    def _raise(self, errors: Sequence[tuple[type, str] | None], error: Exception | None) -> None:
+        for r, err in enumerate(errors):
+            if err is None:
+                continue
+            if error is not None:
+                raise error
+            kind, message = err
+            try:
+                other = kind(f"on rank {r}: {message}")
+            except Exception:  # an exception type that takes other arguments
+                other = RuntimeError(f"on rank {r}: {kind.__name__}: {message}")
+            raise other
+
     def all_ranks(self, finite: Tensor) -> Tensor:
         """Per-tensor finite flags combined over ranks (sharded: each rank checked its own
         rows; replicated: every rank checked the same tensors, nothing to combine)."""
@@ -317,9 +344,20 @@ class Engine:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
         return flags.bool()
 
-    # -- the compute -----------------------------------------------------------------------
-    def owners(self, targets: Sequence[Target]) -> list[int]:
-        """The owning rank of each job's matrix: one owner per parameter, balanced by cost."""
+    def mean(self, value: Tensor | float | None) -> Tensor:
+        """The mean over the ranks of a number each rank has (its loss: the mean over the
+        ranks of per-rank mean losses is the global batch's, for equal per-rank batches), the
+        same on every rank, as a 0-dim float64 tensor on the engine's device; NaN when a rank
+        has none. One all-reduce, no host synchronisation."""
+        v = torch.as_tensor(math.nan if value is None else value)
+        buf = v.detach().reshape(()).to(self.device, torch.float64).clone()
+        dist.all_reduce(buf, group=self.group)
+        return buf / self.world
+
+    # -- ownership -------------------------------------------------------------------------
+    def _assign(self, targets: Sequence[Target]) -> dict[int, int]:
+        """The owning rank of each parameter (by ``id``): its matrices' costs summed, the
+        parameters balanced by :func:`assign_owners`."""
         units: dict[int, int] = {}
         costs: list[float] = []
         for t in targets:
@@ -329,7 +367,50 @@ class Engine:
                 costs.append(0.0)
             costs[u] += float(m) * n * min(m, n)
         owner_of = assign_owners(costs, self.world)
-        return [owner_of[units[id(t.param)]] for t in targets]
+        return {key: owner_of[u] for key, u in units.items()}
+
+    def owner(self, target: Target) -> int:
+        """The rank that owns ``target``'s parameter: settled by :meth:`prepare` over every
+        selected matrix (not only those with a prox at this step), so a matrix keeps its owner
+        from step to step while the selection and the shapes stay."""
+        return self._owner_of[id(target.param)]
+
+    def owners(self, targets: Sequence[Target]) -> list[int]:
+        """The owner of each of ``targets`` (:meth:`owner`)."""
+        return [self.owner(t) for t in targets]
+
+    # -- work done by the owners -----------------------------------------------------------
+    def on_owners(
+        self,
+        targets: Sequence[Target],
+        operands: Sequence[Tensor],
+        fn: Callable[[int, Tensor], Any],
+    ) -> list[Any]:
+        """``fn(i, whole)`` for each item ``i``, computed once, on the owner of
+        ``targets[i]``, with ``whole`` the whole of ``operands[i]`` (a tensor shaped like the
+        target's parameter: the parameter, its gradient, its optimizer state; gathered on the
+        owner when sharded); the results (tensors in nested containers: small ones, such as
+        spectra or statistics) on every rank, bit-identical. An error raised by ``fn`` on any
+        rank is raised on every rank. No item (the same on every rank): nothing exchanged."""
+        if not targets:
+            return []
+        owners = self.owners(targets)
+        whole, _ = self._collect(operands, owners)
+        results: dict[int, Any] = {}
+        error = None
+        try:
+            for i, (op, o) in enumerate(zip(operands, owners, strict=True)):
+                if o == self.rank:
+                    results[i] = fn(i, whole[id(op)])
+        except Exception as err:  # raised below on every rank, after the exchange
+            error = err
+        return self._exchange(results, len(targets), error)[0]
+
+    def gather(self, targets: Sequence[Target], operands: Sequence[Tensor]) -> dict[int, Tensor]:
+        """The whole of each of ``operands`` (shaped like its target's parameter) whose target
+        this rank owns, keyed by ``id(operand)``: a sharded one gathered from every rank's row
+        shards, a replicated one as it is. Nothing of the other ranks' operands is held here."""
+        return self._collect(operands, self.owners(targets))[0]
 
     def compute(
         self,
@@ -337,21 +418,18 @@ class Engine:
         batches: Sequence[list[int]],
         run: Callable[[list[int], dict[int, Tensor]], list[Any]],
         backend: Any,
-        keep_inputs: bool,
     ) -> list[Any]:
         """Every job's outcome on every rank. ``targets[j]`` is job ``j``'s matrix; each batch
         (job indices) is run by ``run(members, full)`` on the members this rank owns, ``full``
-        mapping ``id(param)`` to the gathered parameter (sharded) ; each outcome is reduced to
-        ``outcome.shared(weights, inputs)`` and sent to every rank."""
+        mapping ``id(param)`` to the gathered parameter (sharded); each outcome is reduced to
+        ``outcome.shared(weights)`` and sent to every rank."""
         if not targets:  # the same on every rank: nothing to exchange
-            self.traffic = Traffic()
             return []
         owners = self.owners(targets)
-        mine = [j for j, o in enumerate(owners) if o == self.rank]
-        sent = received = 0
         full: dict[int, Tensor] = {}
         if self.sharded:
-            full, sent, received = self._gather(targets, owners)
+            full, self._scatters = self._collect([t.param for t in targets], owners)
+            self._full = full
         results: dict[int, Any] = {}
         error = None
         try:
@@ -362,44 +440,49 @@ class Engine:
                 for j, out in zip(own, run(own, full), strict=True):
                     if self.sharded:
                         targets[j].view.write(full[id(targets[j].param)], out.X)
-                    results[j] = out.shared(weights=not self.sharded, inputs=keep_inputs)
+                    results[j] = out.shared(weights=not self.sharded)
         except Exception as err:  # raised below on every rank, after the exchange
             error = err
+        state = backend.state_dict() if self.rank == 0 else None
+        outcomes, state = self._exchange(results, len(targets), error, state)
+        if self.rank != 0:
+            backend.load_state_dict(state)
+        self._count(matrices=owners.count(self.rank))
+        return outcomes
+
+    def _exchange(
+        self, results: dict[int, Any], count: int, error: Exception | None, extra: Any = None
+    ) -> tuple[list[Any], Any]:
+        """Every rank's ``results`` (item index -> tensors in nested containers) as one list
+        of ``count`` items on every rank, and rank 0's ``extra``: the structures and errors in
+        one all-gather of pickled metadata, the tensors in one broadcast per rank and dtype.
+        Raises the first error on every rank."""
         tensors: list[Tensor] = []
         skeleton = _pack(results, tensors)
         meta = [(t.dtype, tuple(t.shape)) for t in tensors]
-        mine_meta = (
-            None if error is None else (type(error), str(error)),
-            skeleton,
-            meta,
-            backend.state_dict() if self.rank == 0 else None,
-        )
+        mine = (None if error is None else (type(error), str(error)), skeleton, meta, extra)
         gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine_meta, group=self.group)
-        metadata = len(pickle.dumps(mine_meta)) * self.world
-        for r, (err, *_) in enumerate(gathered):
-            if err is not None:
-                if error is not None:
-                    raise error
-                kind, message = err
-                try:
-                    other = kind(f"on rank {r}: {message}")
-                except Exception:  # an exception type that takes other arguments
-                    other = RuntimeError(f"on rank {r}: {kind.__name__}: {message}")
-                raise other
-        outcomes: list[Any] = [None] * len(targets)
+        dist.all_gather_object(gathered, mine, group=self.group)
+        self._count(metadata=len(pickle.dumps(mine)) * self.world)
+        self._raise([g[0] for g in gathered], error)
+        out: list[Any] = [None] * count
         for r, (_, skel, their_meta, _) in enumerate(gathered):
             got, nbytes = self._broadcast(r, tensors if r == self.rank else None, their_meta)
             if r == self.rank:
-                sent += nbytes * (self.world - 1)
+                self._count(sent=nbytes * (self.world - 1))
             else:
-                received += nbytes
-            for j, out in _unpack(skel, got).items():
-                outcomes[j] = out
-        if self.rank != 0:
-            backend.load_state_dict(gathered[0][3])
-        self.traffic = Traffic(len(mine), sent, received, metadata)
-        return outcomes
+                self._count(received=nbytes)
+            for j, value in _unpack(skel, got).items():
+                out[j] = value
+        return out, gathered[0][3]
+
+    def _count(
+        self, matrices: int = 0, sent: int = 0, received: int = 0, metadata: int = 0
+    ) -> None:
+        t = self.traffic
+        self.traffic = Traffic(
+            t.matrices + matrices, t.sent + sent, t.received + received, t.metadata + metadata
+        )
 
     def _broadcast(
         self, src: int, tensors: list[Tensor] | None, meta: list[tuple[torch.dtype, tuple]]
@@ -420,34 +503,33 @@ class Engine:
                 out[i] = piece.reshape(meta[i][1]).clone()  # state must not pin the buffer
         return out, nbytes
 
-    # -- sharded parameters ----------------------------------------------------------------
-    def _units(self, targets: Sequence[Target], owners: list[int]) -> dict[int, list[Tensor]]:
-        """Each owner's parameters (each once, in job order)."""
-        per: dict[int, list[Tensor]] = {}
-        seen: set[int] = set()
-        for t, o in zip(targets, owners, strict=True):
-            if id(t.param) not in seen:
-                seen.add(id(t.param))
-                per.setdefault(o, []).append(t.param)
-        return per
-
+    # -- sharded tensors -------------------------------------------------------------------
     def _padded(self, p: Tensor, rows: Tensor) -> Tensor:
         chunk = -(-p.shape[0] // self.world)
         out = rows.new_zeros((chunk, *p.shape[1:]))
         out[: rows.shape[0]] = rows
         return out.reshape(-1)
 
-    def _gather(
-        self, targets: Sequence[Target], owners: list[int]
-    ) -> tuple[dict[int, Tensor], int, int]:
-        """The full parameters this rank owns, from every rank's row shards (one gather per
-        owner and dtype); the bytes sent and received. Remembers the groups for :meth:`commit`."""
+    def _collect(
+        self, tensors: Sequence[Tensor], owners: Sequence[int]
+    ) -> tuple[dict[int, Tensor], list[tuple[int, list[Tensor]]]]:
+        """The whole of each tensor this rank owns, keyed by ``id`` (each tensor once): sharded,
+        gathered from every rank's row shards (one gather per owner and dtype); replicated, the
+        tensor itself. Also the gathered groups ``(owner, tensors)``, in the order of the
+        gathers (what :meth:`commit` scatters back)."""
+        per: dict[int, list[Tensor]] = {}
+        seen: set[int] = set()
+        for t, o in zip(tensors, owners, strict=True):
+            if id(t) not in seen:
+                seen.add(id(t))
+                per.setdefault(o, []).append(t)
+        if not self.sharded:
+            return {id(t): t for t in per.get(self.rank, [])}, []
         full: dict[int, Tensor] = {}
-        sent = received = 0
-        self._scatters = []
-        for o, params in sorted(self._units(targets, owners).items()):
-            for dtype in sorted({p.dtype for p in params}, key=str):
-                group = [p for p in params if p.dtype == dtype]
+        groups: list[tuple[int, list[Tensor]]] = []
+        for o, owned in sorted(per.items()):
+            for dtype in sorted({p.dtype for p in owned}, key=str):
+                group = [p for p in owned if p.dtype == dtype]
                 for p in group:
                     size = _rows(p.shape[0], self.world, self.rank)[1]
                     if p.to_local().shape[0] != size:
@@ -457,16 +539,16 @@ class Engine:
                             "of torch.chunk's Shard(0) split; other splits are not supported"
                         )
                 send = torch.cat([self._padded(p, p.to_local().detach()) for p in group])
-                mine = o == self.rank  # only the owner holds the full parameters
+                mine = o == self.rank  # only the owner holds the whole tensors
                 recv = [torch.empty_like(send) for _ in range(self.world)] if mine else None
                 dst = dist.get_global_rank(self.group, o)
                 dist.gather(send, recv, dst=dst, group=self.group)
-                self._scatters.append((o, group))
+                groups.append((o, group))
                 nbytes = send.numel() * send.element_size()
-                if o != self.rank:
-                    sent += nbytes
+                if not mine:
+                    self._count(sent=nbytes)
                     continue
-                received += nbytes * (self.world - 1)
+                self._count(received=nbytes * (self.world - 1))
                 offset = 0
                 for p in group:
                     chunk = -(-p.shape[0] // self.world)
@@ -479,15 +561,13 @@ class Engine:
                         [x[: _rows(p.shape[0], self.world, r)[1]] for r, x in enumerate(pieces)]
                     )
                     offset += numel
-        self._full = full
-        return full, sent, received
+        return full, groups
 
     def commit(self) -> None:
         """Sharded: the owners' new rows back to every rank (one scatter per owner and dtype),
         written into each rank's shard. Replicated: nothing (every rank wrote ``X``)."""
         scatters, self._scatters = self._scatters, []
         full, self._full = self._full, {}
-        sent = received = 0
         for o, group in scatters:
             recv = torch.cat([self._padded(p, p.to_local()[:0]) for p in group])
             chunks = None
@@ -499,9 +579,9 @@ class Engine:
                         start, size = _rows(p.shape[0], self.world, r)
                         pieces.append(self._padded(p, full[id(p)][start : start + size]))
                     chunks.append(torch.cat(pieces))
-                sent += recv.numel() * recv.element_size() * (self.world - 1)
+                self._count(sent=recv.numel() * recv.element_size() * (self.world - 1))
             else:
-                received += recv.numel() * recv.element_size()
+                self._count(received=recv.numel() * recv.element_size())
             src = dist.get_global_rank(self.group, o)
             dist.scatter(recv, chunks, src=src, group=self.group)
             offset = 0
@@ -512,5 +592,3 @@ class Engine:
                 rows = recv[offset : offset + numel].reshape(chunk, *p.shape[1:])
                 local.copy_(rows[: local.shape[0]])
                 offset += numel
-        t = self.traffic
-        self.traffic = Traffic(t.matrices, t.sent + sent, t.received + received, t.metadata)

@@ -265,12 +265,16 @@ class Metric(abc.ABC):
     ``needs_grads``: :meth:`observe_grad` is called once per optimizer step with the weight's
     gradient. ``needs_inputs``: :meth:`observe_input` is called on every forward pass of the
     layer (a forward pre-hook) with its input. Both only read ``state`` and return the updates
-    to store (so a failed step stores nothing).
+    to store (so a failed step stores nothing). ``base_state_keys``: the keys of the base
+    optimizer's state of the parameter that :meth:`statistics` may read (with sharded
+    parameters only these are gathered whole, on the matrix's owner: see
+    :mod:`proxrank.distributed`; otherwise every tensor shaped like the parameter is given).
     """
 
     name: str = ""
     needs_grads: bool = False
     needs_inputs: bool = False
+    base_state_keys: tuple[str, ...] = ()
 
     def __init__(self, *, damping: float = 1e-2) -> None:
         self.damping = _check_damping(damping)
@@ -354,6 +358,7 @@ class AdamMetric(Metric):
     ``side`` as for :class:`FisherMetric`."""
 
     name = "adam"
+    base_state_keys = SECOND_MOMENT_KEYS
 
     def __init__(self, *, side: str = "out", damping: float = 1e-2) -> None:
         super().__init__(damping=damping)

@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import Backend, compute_dtype, get_backend
-from .diagnostics import Diagnostics, ModelDiagnostics
+from .diagnostics import Diagnostics, Measured, ModelDiagnostics
 from .distributed import Checkpointed, Engine, finite_operand, is_sharded
 from .functional import ProxResult, prox_step, rank_prox_step
-from .metrics import Metric, Weighting, get_metric
+from .metrics import EuclideanMetric, Metric, Weighting, get_metric
 from .prox import MatrixMap, ProxMap, get_prox
 from .records import NAMESPACES, MatrixInfo, MatrixRecord, ProxStep
-from .schedules import Plan, Schedule
+from .schedules import Plan, Schedule, spectrum
 from .selection import Selector, Target, select_targets
 from .statistics import InputHooks, gradient_matrix
 
@@ -85,25 +85,27 @@ class _Work:
 class _Outcome(NamedTuple):
     """A job's computed prox: ``X`` in weight coordinates (compute dtype), the matrix ``Y`` the
     prox thresholded, the result in metric coordinates (``None`` for a
-    :class:`~proxrank.prox.MatrixMap`: no decomposition), and the backend's new state."""
+    :class:`~proxrank.prox.MatrixMap`: no decomposition), the backend's new state and, across
+    ranks with diagnostics, the owner's :meth:`proxrank.Diagnostics.measure` of it."""
 
     X: Tensor | None
     Y: Tensor | None
     result: ProxResult | None
     backend_state: dict[str, Any]
+    measured: Measured | None = None
 
-    def shared(self, weights: bool, inputs: bool) -> _Outcome:
+    def shared(self, weights: bool) -> _Outcome:
         """What the other ranks need of it (:mod:`proxrank.distributed`): ``S``, ``S_new``,
-        the bound and the backend state; ``X`` with ``weights`` (``None``: the engine writes the
-        weight), ``Y`` with ``inputs`` (diagnostics). ``U``, ``V^T`` and the result in metric
-        coordinates are left empty: nothing after the compute reads them."""
-        X, Y = self.X if weights else None, self.Y if inputs else None
+        the bound, the backend state and the diagnostics' measures; ``X`` with ``weights``
+        (``None``: the engine writes the weight). ``Y``, ``U``, ``V^T`` and the result in
+        metric coordinates are left empty: nothing after the compute reads them."""
+        X = self.X if weights else None
         if self.result is None:
-            return _Outcome(X, Y, None, self.backend_state)
+            return _Outcome(X, None, None, self.backend_state, self.measured)
         svd = self.result.svd
         empty = svd.S[..., :0]
         result = ProxResult(empty, svd._replace(U=empty, Vh=empty), self.result.S_new)
-        return _Outcome(X, Y, result, self.backend_state)
+        return _Outcome(X, None, result, self.backend_state, self.measured)
 
 
 def _check_lam(value: Any, where: str) -> float:
@@ -306,12 +308,7 @@ class ProxRank(Optimizer):
         if self.tracker is not None:
             self.tracker.bind(self)
         #: The :class:`proxrank.distributed.Engine` sharing the prox across ranks, or ``None``.
-        self.distributed = Engine.detect(
-            self.targets,
-            distributed,
-            tracked=self.tracker is not None,
-            budget=schedule is not None and schedule.budget is not None,
-        )
+        self.distributed = Engine.detect(self.targets, distributed)
 
     # -- what is shared with the base optimizer --------------------------------------------
     @property
@@ -562,27 +559,92 @@ class ProxRank(Optimizer):
             for i, upd in self.distributed.prepare(self._records, metrics).items():
                 work.update(i, "metric", upd)
         states = [self._current(i, "metric", work) for i in range(len(self._records))]
-        for i in seen:
-            metric = options[self._group_index[i]].metric
+        observed = [
+            i
+            for i in seen
+            if options[self._group_index[i]].metric.needs_grads
+            and not self._records[i].target.param.grad.is_sparse
+        ]
+
+        def observe(i: int, grad: Tensor) -> dict[str, Any]:
             t = self._records[i].target
-            if metric.needs_grads and not t.param.grad.is_sparse:
-                with _naming(f"weight {t.name!r}"):
-                    g = gradient_matrix(t, t.param.grad)
-                    g = g if grad_scale is None else g / grad_scale.to(g)
-                    work.update(i, "metric", metric.observe_grad(states[i], g))
+            with _naming(f"weight {t.name!r}"):
+                g = gradient_matrix(t, grad)
+                g = g if grad_scale is None else g / grad_scale.to(g)
+                return options[self._group_index[i]].metric.observe_grad(states[i], g)
+
+        targets = [self._records[i].target for i in observed]
+        grads = [t.param.grad for t in targets]
+        if self.distributed is not None and self.distributed.sharded:  # whole on the owner
+            engine = self.distributed
+            updates = engine.on_owners(targets, grads, lambda j, g: observe(observed[j], g))
+        else:
+            updates = [observe(i, g) for i, g in zip(observed, grads, strict=True)]
+        for i, upd in zip(observed, updates, strict=True):
+            work.update(i, "metric", upd)
         if self.schedule is not None:
             sched_states = [self._current(i, "schedule", work) for i in range(len(self._records))]
             proxes = [options[g].prox for g in self._group_index]
             with _naming("the schedule's allocation"):
                 for i, upd in enumerate(
-                    self.schedule.prepare(work.step, self.targets, sched_states, proxes)
+                    self.schedule.prepare(
+                        work.step, self.targets, sched_states, proxes, self._spectra
+                    )
                 ):
                     work.update(i, "schedule", upd)
-        for i in active:
-            job = self._job(i, options[self._group_index[i]], work)
-            if job is not None:
-                work.jobs.append(job)
+        self._add_jobs(work, active, options)
         return work
+
+    def _spectra(self, targets: list[Target]) -> list[Tensor]:
+        """The singular values of each target's matrix (a budget's allocation), across ranks
+        each computed by its owner and shared."""
+        if self.distributed is None:
+            return [spectrum(t, t.param) for t in targets]
+        params = [t.param for t in targets]
+        return self.distributed.on_owners(targets, params, lambda j, p: spectrum(targets[j], p))
+
+    def _add_jobs(self, work: _Work, active: list[int], options: list[_Options]) -> None:
+        """The jobs of the ``active`` matrices. Across ranks a matrix's metric weighting is
+        computed by its owner only (from the base optimizer's state that the metric reads,
+        gathered whole there when sharded), and an error any rank met is raised on all."""
+        engine = self.distributed
+        whole: dict[int, Tensor] = {}
+        if engine is not None and engine.sharded:
+            pairs = [
+                (self._records[i].target, v)
+                for i in active
+                for v in self._base_tensors(
+                    self._records[i].target, options[self._group_index[i]].metric
+                )
+            ]
+            whole = engine.gather([t for t, _ in pairs], [v for _, v in pairs])
+        error = None
+        try:
+            for i in active:
+                job = self._job(i, options[self._group_index[i]], work, whole)
+                if job is not None:
+                    work.jobs.append(job)
+        except Exception as err:
+            if engine is None:
+                raise
+            error = err
+        weighted = any(
+            not isinstance(options[self._group_index[i]].metric, EuclideanMetric) for i in active
+        )
+        if engine is not None and weighted:  # only the owners computed their weightings
+            engine.raise_first(error)
+        elif error is not None:
+            raise error
+
+    def _base_tensors(self, t: Target, metric: Metric) -> list[Tensor]:
+        """The base optimizer's tensors of ``t``'s parameter that ``metric`` reads
+        (:attr:`proxrank.metrics.Metric.base_state_keys`), shaped like the parameter."""
+        state = self.optimizer.state.get(t.param, {})
+        return [
+            v
+            for k, v in state.items()
+            if k in metric.base_state_keys and isinstance(v, Tensor) and v.shape == t.param.shape
+        ]
 
     def _current(self, index: int, namespace: str, work: _Work) -> dict[str, Any]:
         """A matrix's state in ``namespace`` as this step sees it: the stored state (none after
@@ -590,7 +652,11 @@ class ProxRank(Optimizer):
         stored = {} if index in work.fresh else getattr(self._records[index], namespace)
         return {**stored, **work.updates.get(index, {}).get(namespace, {})}
 
-    def _job(self, index: int, options: _Options, work: _Work) -> _Job | None:
+    def _job(
+        self, index: int, options: _Options, work: _Work, whole: dict[int, Tensor]
+    ) -> _Job | None:
+        """Matrix ``index``'s job at this step (``None``: no prox). ``whole``: the base
+        optimizer's sharded tensors gathered whole on this rank (by ``id``)."""
         rec = self._records[index]
         t = rec.target
         group = self.param_groups[self._group_index[index]]
@@ -605,17 +671,21 @@ class ProxRank(Optimizer):
             work.update(index, "schedule", upd)
         if plan is None or (plan.rank is None and plan.tau == 0):
             return None  # no prox, or tau = 0: the identity, left bit for bit
-        base_state = {
-            k: t.view.read(v)
-            for k, v in self.optimizer.state.get(t.param, {}).items()
-            if isinstance(v, Tensor) and v.shape == t.param.shape and not is_sharded(v)
-        }
-        with _naming(f"weight {t.name!r}"):
-            weighting = options.metric.weighting(
-                self._current(index, "metric", work), base_state, t.shape2d
-            )
-        if weighting is not None:
-            weighting = weighting.to(compute_dtype(t.param.dtype))
+        weighting = None
+        if self.distributed is None or self.distributed.owner(t) == self.distributed.rank:
+            base_state = {
+                k: t.view.read(whole.get(id(v), v))
+                for k, v in self.optimizer.state.get(t.param, {}).items()
+                if isinstance(v, Tensor)
+                and v.shape == t.param.shape
+                and (id(v) in whole or not is_sharded(v))
+            }
+            with _naming(f"weight {t.name!r}"):
+                weighting = options.metric.weighting(
+                    self._current(index, "metric", work), base_state, t.shape2d
+                )
+            if weighting is not None:
+                weighting = weighting.to(compute_dtype(t.param.dtype))
         return _Job(index, plan, options.lam, lr, weighting, self._current(index, "backend", work))
 
     def _raise_input_errors(self, options: list[_Options]) -> None:
@@ -696,9 +766,8 @@ class ProxRank(Optimizer):
                 return self.distributed.compute(
                     [self._records[job.index].target for job in jobs],
                     list(batches.values()),
-                    lambda members, full: self._run_batch([jobs[j] for j in members], full),
+                    lambda members, full: self._owned_batch([jobs[j] for j in members], full),
                     self.backend,
-                    keep_inputs=self.tracker is not None,
                 )
             for members in batches.values():
                 batch = [jobs[j] for j in members]
@@ -756,14 +825,29 @@ class ProxRank(Optimizer):
             out.append(_Outcome(X, Yi, mine, state))
         return out
 
+    def _owned_batch(self, batch: list[_Job], full: dict[int, Tensor]) -> list[_Outcome]:
+        """:meth:`_run_batch` on the owner of the batch's matrices across ranks, each outcome
+        measured for the diagnostics there (the other ranks record the measures)."""
+        outs = self._run_batch(batch, full)
+        if self.tracker is None:
+            return outs
+        outcomes = []
+        for job, out in zip(batch, outs, strict=True):
+            p = self._records[job.index].target.param
+            step = self._prox_step(job, out, full.get(id(p), p))
+            outcomes.append(out._replace(measured=self.tracker.measure(step)))
+        return outcomes
+
     @torch.no_grad()
     def _commit(self, work: _Work, outcomes: list[_Outcome]) -> None:
         """Write every weight (through its view; a sharded engine writes the shards its owners
         computed) and every namespace of state."""
         for job, out in zip(work.jobs, outcomes, strict=True):
             rec = self._records[job.index]
-            if self.tracker is not None:  # before the write-back: W may share p's storage
-                self.tracker.record(self._prox_step(job, out))
+            if self.tracker is not None and out.measured is not None:  # measured by its owner
+                self.tracker.record(self._prox_step(job, out, None), out.measured)
+            elif self.tracker is not None:  # before the write-back: W may share p's storage
+                self.tracker.record(self._prox_step(job, out, rec.target.param))
             if out.X is not None:
                 rec.target.view.write(rec.target.param, out.X)
         if self.distributed is not None:
@@ -786,9 +870,11 @@ class ProxRank(Optimizer):
                 rec.schedule = {**rec.schedule, "rank": r}
         self.step_count = work.step
 
-    def _prox_step(self, job: _Job, out: _Outcome) -> ProxStep:
+    def _prox_step(self, job: _Job, out: _Outcome, param: Tensor | None) -> ProxStep:
+        """What ``job`` did, for the diagnostics; its matrices read from ``param`` (the
+        parameter, or its whole gathered from shards), none without it."""
         t = self._records[job.index].target
-        W = t.view.read(t.param.detach()).to(out.X.dtype)
+        W = None if param is None else t.view.read(param.detach()).to(out.X.dtype)
         prox = job.plan.prox
         level = isinstance(prox, MatrixMap) and prox.levels  # a projection ignores tau
         common = dict(
@@ -800,12 +886,12 @@ class ProxRank(Optimizer):
             lam=job.lam,
             lr=job.lr,
             W=W,
-            Y=out.Y,
-            X=out.X,
+            Y=None if param is None else out.Y,
+            X=None if param is None else out.X,
             weight_dtype=t.param.dtype,
         )
         if out.result is None:  # a MatrixMap: exact, no singular values
-            bound = W.new_zeros(())
+            bound = torch.zeros(())
             return ProxStep(**common, S=None, S_new=None, error_bound=bound, method="direct")
         svd = out.result.svd
         return ProxStep(

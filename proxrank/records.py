@@ -112,7 +112,10 @@ class ProxStep:
     ``U diag(S_new) V^T``. ``tau`` is the threshold (``lam * lr``; NaN when a rank target set it
     from the spectrum, and for a projection), ``rank_target`` that target, ``method`` the
     backend's method and ``error_bound`` its certified bound on the distance to the exact
-    prox, ``weight_dtype`` the dtype ``X`` is written back in.
+    prox, ``weight_dtype`` the dtype ``X`` is written back in. Across ranks
+    (:mod:`proxrank.distributed`) only a matrix's owner has ``W``, ``Y`` and ``X``: the other
+    ranks' steps hold ``None`` there and are recorded with what the owner measured
+    (:meth:`proxrank.Diagnostics.measure`).
 
     A :class:`~proxrank.prox.MatrixMap` computes no singular values: ``S`` and ``S_new`` are
     ``None``, ``Y`` is ``W``, ``rank_target`` is the projection's level set by a schedule
@@ -126,9 +129,9 @@ class ProxStep:
     rank_target: int | None
     lam: float
     lr: float
-    W: Tensor
-    Y: Tensor
-    X: Tensor
+    W: Tensor | None
+    Y: Tensor | None
+    X: Tensor | None
     S: Tensor | None
     S_new: Tensor | None
     error_bound: Tensor

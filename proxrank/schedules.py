@@ -56,7 +56,7 @@ from .sparsity import Magnitude
 #: warns, naming it (the allocator itself is not sensitivity-aware).
 TINY_RANK_FRACTION = 32
 
-__all__ = ["RAMP_KINDS", "Plan", "Ramp", "Schedule", "global_magnitude_levels"]
+__all__ = ["RAMP_KINDS", "Plan", "Ramp", "Schedule", "global_magnitude_levels", "spectrum"]
 
 #: Ramp shapes: fraction ``x = (n - n0) / (n1 - n0)`` in [0, 1] -> weight of ``end``.
 RAMP_KINDS: dict[str, Callable[[float], float]] = {
@@ -335,12 +335,16 @@ class Schedule:
         targets: list[Target],
         states: list[dict[str, Any]],
         proxes: list[ProxMap | MatrixMap] | None = None,
+        spectra: Callable[[list[Target]], list[torch.Tensor]] | None = None,
     ) -> list[dict[str, Any]]:
         """At the first step past warm-up, each matrix's final rank or level
         (``{"final_rank": r}``, saved in ``state_dict``): from ``target``, or by allocating
-        ``budget`` across layers. ``proxes``: each target's map (default: spectral). Returns
-        the updates per matrix (empty when there is nothing to fix); reads ``states`` (the
-        schedule's state of each target) only."""
+        ``budget`` across layers, from the spectra ``spectra(targets)`` (default:
+        :func:`spectrum` of each parameter, in this process; the optimizer passes one that
+        shares the work across ranks) or, for magnitude projections, by one global magnitude
+        threshold. ``proxes``: each target's map (default: spectral). Returns the updates per
+        matrix (empty when there is nothing to fix); reads ``states`` (the schedule's state of
+        each target) only."""
         none: list[dict[str, Any]] = [{} for _ in targets]
         if not self.has_rank or n <= self.warmup:
             return none
@@ -361,9 +365,9 @@ class Schedule:
         if all(isinstance(p, Magnitude) for p in proxes):
             weights = [t.view.read(t.param.detach()) for t in targets]
             return [{"final_rank": k} for k in global_magnitude_levels(weights, self.budget)]
-        spectra = [torch.linalg.svdvals(t.view.read(t.param.detach()).double()) for t in targets]
+        values = [spectrum(t, t.param) for t in targets] if spectra is None else spectra(targets)
         alloc = allocate_ranks(
-            spectra,
+            values,
             [t.shape2d for t in targets],
             budget=self.budget,
             tolerance=self.tolerance,
@@ -447,6 +451,12 @@ class Schedule:
     def __repr__(self) -> str:
         items = ", ".join(f"{k}={v!r}" for k, v in self.state_dict().items() if v is not None)
         return f"Schedule({items})"
+
+
+def spectrum(target: Target, param: torch.Tensor) -> torch.Tensor:
+    """The singular values (float64, descending) of ``target``'s matrix read from ``param``: its
+    parameter, or the whole of it gathered from shards."""
+    return torch.linalg.svdvals(target.view.read(param.detach()).double())
 
 
 def _per_layer(

@@ -93,10 +93,22 @@ def _local(data, rank):
             for X, Y in data]
 
 
-def _train(model, opt, batches) -> None:
+def _train(model, opt, batches, closure: bool = False) -> None:
+    """Steps on ``batches``, the loss handed to the diagnostics (or returned by a closure)."""
     for X, Y in batches:
-        opt.zero_grad()
-        F.mse_loss(model(X), Y).backward()
+
+        def loss_and_grad(X=X, Y=Y):
+            opt.zero_grad()
+            loss = F.mse_loss(model(X), Y)
+            loss.backward()
+            return loss
+
+        if closure:
+            opt.step(loss_and_grad)
+            continue
+        loss = loss_and_grad()
+        if getattr(opt, "tracker", None) is not None:  # the diagnostics' loss
+            opt.tracker.observe_loss(loss)
         opt.step()
 
 
@@ -139,13 +151,82 @@ def _budget() -> proxrank.Schedule:
 def _reference(
     steps: int, metric: str = "euclidean", backend: str = "auto", **kw: Any
 ) -> list[np.ndarray]:
+    return _reference_run(steps, metric=metric, backend=backend, lam=LAM, **kw)[0]
+
+
+def _reference_run(
+    steps: int, closure: bool = False, **kw: Any
+) -> tuple[list[np.ndarray], proxrank.ProxRank]:
+    """One process on the global batches: the weights after ``steps`` steps, the optimizer."""
     model = _mlp()
-    opt = proxrank.ProxRank(
-        torch.optim.AdamW(model.parameters(), lr=LR), model, lam=LAM, metric=metric,
-        backend=backend, **kw,
-    )
-    _train(model, opt, _data()[:steps])
-    return _weights(model)
+    opt = proxrank.ProxRank(torch.optim.AdamW(model.parameters(), lr=LR), model, **kw)
+    _train(model, opt, _data()[:steps], closure)
+    return _weights(model), opt
+
+
+def _whole_runs() -> dict[str, dict[str, Any]]:
+    """What needs whole matrices under FSDP2, each run for ``WHOLE_STEPS`` steps: metrics that
+    read gradients or the base optimizer's state, diagnostics, a budget's spectra (and a
+    closure: the gradients exist only after the base step, the loss comes from it)."""
+    return {
+        "fisher": dict(lam=LAM, metric="fisher", diagnostics=True, backend="exact"),
+        "two_sided": dict(
+            lam=LAM, metric="two_sided", diagnostics=True, backend="exact", closure=True
+        ),
+        "adam": dict(lam=LAM, metric="adam", backend="exact"),
+        "budget": dict(schedule=_budget(), diagnostics=True, backend="exact"),
+    }
+
+
+WHOLE_STEPS = 4
+
+
+def _state_arrays(opt: proxrank.ProxRank) -> list[np.ndarray]:
+    """Every tensor of every matrix's metric and schedule state, in order."""
+    return [
+        np.asarray(v)
+        for m in opt.matrices()
+        for state in (m.metric_state, m.schedule_state)
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    ] + [np.asarray(m.schedule_state.get("rank", -1)) for m in opt.matrices()]
+
+
+def _close_diagnostics(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two ``ModelDiagnostics.to_dict()`` equal up to float tolerance (NaN equal to NaN), the
+    layer names up to DDP's ``module.`` prefix."""
+    assert a.keys() == b.keys() and len(a["layers"]) == len(b["layers"])
+    for x, y in [(a, b), *zip(a["layers"], b["layers"], strict=True)]:
+        for key, u in x.items():
+            v = y[key]
+            if isinstance(u, float) or isinstance(v, float):
+                np.testing.assert_allclose(u, v, rtol=1e-3, atol=1e-5, equal_nan=True)
+            elif key == "name":
+                assert u.removeprefix("module.") == v.removeprefix("module."), (u, v)
+            elif key != "layers":
+                assert u == v, (key, u, v)
+
+
+class FailingMetric(proxrank.metrics.Metric):
+    """A metric failing on rank 1 only: in its gradient statistics (``where="grad"``), which
+    the owners gather, or in its weighting, which the owners compute."""
+
+    name = "failing"
+    needs_grads = True
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def observe_grad(self, state, grad):
+        if self.where == "grad" and dist.get_rank() == 1:
+            raise FloatingPointError("no gradient statistic here")
+        return {}
+
+    def statistics(self, state, base_state, shape):
+        if self.where == "weighting" and dist.get_rank() == 1:
+            raise ValueError("no weighting here")
+        return None, None
 
 
 # -- scenarios (run on each rank) ---------------------------------------------------------------
@@ -178,6 +259,7 @@ def _ddp(rank: int, tmp: Path) -> dict[str, Any]:
     torch.save(opt.backend.state_dict(), buf)
     out["generators"] = buf.getvalue()
     out["report"] = opt.report()
+    out["diagnostics"] = opt.diagnostics().to_dict()
     out["bases"] = [
         np.asarray(m.backend_state["basis"]) if "basis" in m.backend_state else None
         for m in opt.matrices()
@@ -293,6 +375,36 @@ def _fsdp(rank: int, tmp: Path) -> dict[str, Any]:
     _train(model3, opt3, local[:3])
     out["activation"] = _weights(model3)
 
+    # whole matrices on their owners: gradients, optimizer state, spectra, diagnostics
+    for name, kw in _whole_runs().items():
+        closure = kw.pop("closure", False)
+        model5 = _mlp()
+        for layer in model5:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model5)
+        opt5 = proxrank.ProxRank(torch.optim.AdamW(model5.parameters(), lr=LR), model5, **kw)
+        _train(model5, opt5, local[:WHOLE_STEPS], closure)
+        out[name] = _weights(model5)
+        out[name + "_state"] = _state_arrays(opt5)
+        if opt5.tracker is not None:
+            out[name + "_diagnostics"] = opt5.diagnostics().to_dict()
+            out[name + "_report"] = opt5.report()
+
+    # a metric failing on one rank's matrices stops both ranks before anything changes
+    for where in ("grad", "weighting"):
+        before = _weights(model3)
+        opt6 = proxrank.ProxRank(
+            torch.optim.SGD(model3.parameters(), lr=LR), model3, lam=LAM,
+            metric=FailingMetric(where),
+        )
+        try:
+            _train(model3, opt6, local[:1])
+            out[f"{where}_error"] = None
+        except (FloatingPointError, ValueError) as err:
+            out[f"{where}_error"] = f"{type(err).__name__}: {err}"
+        out[f"{where}_unchanged"] = _same(before, _weights(model3))
+
     # blocks of one parameter (attention's q, k, v) gathered once, on one owner
     model4 = _encoder()
     for layer in model4.layers:
@@ -305,20 +417,15 @@ def _fsdp(rank: int, tmp: Path) -> dict[str, Any]:
 
     errors = {}
 
-    def refused(name, build, step=False):
+    def refused(name, build):
         try:
-            opt = build()
-            if step:
-                _train(model3, opt, local[:1])
+            build()
         except (NotImplementedError, ValueError) as err:
             errors[name] = f"{type(err).__name__}: {err}"
 
     def prox(**kw):
         return proxrank.ProxRank(torch.optim.AdamW(model3.parameters(), lr=LR), model3, **kw)
 
-    refused("diagnostics", lambda: prox(lam=LAM, diagnostics=True))
-    refused("budget", lambda: prox(schedule=proxrank.Schedule(budget=0.5, ramp_end=4)))
-    refused("fisher", lambda: prox(lam=LAM, metric="fisher"), step=True)
     refused("off", lambda: prox(lam=LAM, distributed=False))
     tp = nn.Linear(8, 6)
     mesh = model3[0].weight.device_mesh
@@ -533,8 +640,12 @@ def test_ddp_shares_the_prox_and_matches_one_process(tmp_path):
     assert r0["generators"] == r1["generators"]  # the backend's own state: rank 0's
     for a, b in zip(r0["bases"], r1["bases"], strict=True):
         assert (a is None and b is None) or np.array_equal(a, b)
-    # the same as one process on the global batch
-    _close(r0["weights"], _reference(5, backend="subspace"))
+    # the same as one process on the global batch, diagnostics (measured by each matrix's
+    # owner, the loss averaged over the ranks) included
+    weights, ref = _reference_run(5, lam=LAM, backend="subspace", diagnostics=True)
+    _close(r0["weights"], weights)
+    assert repr(r0["diagnostics"]) == repr(r1["diagnostics"])
+    _close_diagnostics(r0["diagnostics"], ref.diagnostics().to_dict())
     # each rank proxes its share: 4 matrices a step, 5 steps
     assert r0["count"] + r1["count"] == 4 * 5
     assert max(r0["count"], r1["count"]) < 4 * 5
@@ -584,11 +695,28 @@ def test_fsdp2_shards_the_prox_and_resumes_from_a_distributed_checkpoint(tmp_pat
     _close(r0["activation"], _reference(3, metric="activation", backend="exact"))
     assert _same(r0["encoder"], r1["encoder"])
     _close(r0["encoder"], _encoder_run(_encoder(), None))
+    # gradient and optimizer-state metrics, diagnostics, budgets: ranks bit-identical, equal to
+    # one process
+    for name, kw in _whole_runs().items():
+        weights, opt = _reference_run(WHOLE_STEPS, **kw)
+        assert _same(r0[name], r1[name]), name
+        _close(r0[name], weights)
+        assert _same(r0[name + "_state"], r1[name + "_state"]), name
+        _close(r0[name + "_state"], _state_arrays(opt))
+        if opt.tracker is not None:
+            assert r0[name + "_report"] == r1[name + "_report"]
+            assert repr(r0[name + "_diagnostics"]) == repr(r1[name + "_diagnostics"])
+            assert r0[name + "_diagnostics"]["loss"] is not None  # the ranks' mean
+            _close_diagnostics(r0[name + "_diagnostics"], opt.diagnostics().to_dict())
+    ranks = [int(r) for r in r0["budget_state"][-4:]]
+    assert any(0 <= r < k for r, k in zip(ranks, (12, 24, 24, 7), strict=True)), ranks
+    for where, message in (("grad", "no gradient statistic here"), ("weighting", "no weighting")):
+        e0, e1 = r0[f"{where}_error"], r1[f"{where}_error"]
+        assert e0 is not None and message in e0 and "on rank 1" in e0, e0
+        assert e1 is not None and message in e1, e1
+        assert r0[f"{where}_unchanged"] and r1[f"{where}_unchanged"]
     errors = r0["errors"]
     assert errors == r1["errors"]
-    assert "NotImplementedError: diagnostics with sharded" in errors["diagnostics"]
-    assert "NotImplementedError: a budget schedule" in errors["budget"]
-    assert "metric='fisher' with sharded" in errors["fisher"]
     assert "ValueError: weight '0.weight' is sharded" in errors["off"]
     assert "(Shard(dim=1),)" in errors["tp"] and "tensor parallelism" in errors["tp"]
 
@@ -638,6 +766,50 @@ def test_distributed_option():
     with pytest.raises(TypeError, match="distributed"):
         proxrank.ProxRank(base, model, lam=0.1, distributed="yes")
     assert proxrank.ProxRank(base, model, lam=0.1, distributed=False).distributed is None
+
+
+def test_diagnostics_recorded_from_the_owners_measures():
+    """A rank recording the owner's measures (without the matrices) holds the same figures as
+    the owner and as one process; it drops its ``X_prev``, so when it owns the matrix again
+    its realised step is unknown (NaN), not measured from a stale output."""
+    from dataclasses import replace
+
+    from proxrank.prox import SoftThreshold
+    from proxrank.records import ProxStep
+
+    w = nn.Parameter(torch.zeros(4, 3))
+    trackers = [proxrank.Diagnostics() for _ in range(3)]
+    opts = [  # each tracker bound to an optimizer (kept alive here)
+        proxrank.ProxRank(torch.optim.SGD([w], lr=0.1), [("w", w)], lam=1.0, diagnostics=d)
+        for d in trackers
+    ]
+    alone, owner, other = trackers
+    g = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(5)]
+
+    def prox_step(t):
+        W, X = outputs[t] + 0.1, outputs[t + 1]
+        return ProxStep(
+            name="w", shape=(4, 3), prox=SoftThreshold(), tau=0.1, rank_target=None, lam=1.0,
+            lr=0.1, W=W, Y=W, X=X, S=torch.linalg.svdvals(W), S_new=torch.linalg.svdvals(X),
+            error_bound=torch.tensor(0.0), method="exact", weight_dtype=torch.float64,
+        )
+
+    for t in range(3):  # "other" owns the matrix at step 0, "owner" at steps 1 and 2
+        step = prox_step(t)
+        alone.record(step)
+        measurer, recorder = (other, owner) if t == 0 else (owner, other)
+        measured = measurer.measure(step)
+        measurer.record(step, measured)
+        recorder.record(replace(step, W=None, Y=None, X=None), measured)
+        for d in trackers:
+            d.end_step()
+    assert repr(alone.snapshot()) == repr(owner.snapshot()) == repr(other.snapshot())
+    assert owner.snapshot().layers[0].relative_step > 0
+    step = prox_step(3)
+    assert not owner.measure(step).norms[3].isnan()
+    assert other.measure(step).norms[3].isnan()
+    assert len(opts) == 3
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path):
