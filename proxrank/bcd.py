@@ -186,8 +186,10 @@ def _layers(model: nn.Module) -> list[nn.Linear]:
         "NNBCD needs an nn.Sequential alternating Linear and ReLU and ending with a Linear "
         "(Linear, ReLU, Linear, ..., Linear)"
     )
-    if not isinstance(model, nn.Sequential) or len(model) % 2 == 0:
-        raise TypeError(f"{fix}; got {type(model).__name__} with {len(model)} modules")
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"{fix}; got a {type(model).__name__}")
+    if len(model) % 2 == 0:
+        raise TypeError(f"{fix}; got {len(model)} modules")
     for i, m in enumerate(model):
         want = nn.Linear if i % 2 == 0 else nn.ReLU
         if type(m) is not want:
@@ -440,15 +442,22 @@ class NNBCD:
         x, y = self._data(x, y)
         state = self._start(x, y)
         history = [_objective(state, self.gamma, self.rho, self.tau)]
-        residuals = []
-        for k in range(iterations):
-            residuals.append(self._sweep(state))
-            history.append(_objective(state, self.gamma, self.rho, self.tau))
-            if not (math.isfinite(history[-1]) and math.isfinite(residuals[-1])):
+        residuals: list[float] = []
+        for k in range(iterations + 1):
+            if not (math.isfinite(history[-1]) and all(map(math.isfinite, residuals[-1:]))):
                 raise FloatingPointError(
-                    f"NN-BCD iterate became non-finite at sweep {k + 1}; the model is unchanged "
-                    "(scale the inputs, or raise alpha/gamma)"
+                    f"the NN-BCD objective is not finite after {k} sweeps; the model is "
+                    "unchanged (scale the inputs and targets down)"
                 )
+            if k < iterations:
+                try:
+                    residuals.append(self._sweep(state))
+                except torch.linalg.LinAlgError as err:
+                    raise FloatingPointError(
+                        f"NN-BCD sweep {k + 1} met a non-finite system ({err}); the model is "
+                        "unchanged (scale the inputs and targets down)"
+                    ) from err
+                history.append(_objective(state, self.gamma, self.rho, self.tau))
         self._state, self.residuals = state, residuals
         self._write(state["W"])
         return history
