@@ -16,7 +16,7 @@ prox family is one more ``partial(prox_rank, name=..., count=..., prox=..., lam=
 Sizes count weights and biases. Prints a markdown table (machine, threads) and writes JSON to
 ``--out``.
 
-    python benchmarks/pruning_tt.py [--quick] [--threads 2] [--epochs 30] [--sweeps 100]
+    python benchmarks/pruning_tt.py [--quick] [--threads 1] [--epochs 30] [--sweeps 200]
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def nn_bcd(d: Data, args, *, name: str, warm: bool = False, **options) -> Row:
     return Row(name, accuracy(model, d), size, seconds, detail)
 
 
-BCD = {"tau": 1000.0, "gamma": 1.0, "rho": 1.0, "alpha": 0.1}
+BCD = {"tau": 300.0, "gamma": 1.0, "rho": 1.0, "alpha": 0.1}
 TT_RANKS, KEEP = 8, 0.1
 METHODS: list[Callable[[Data, argparse.Namespace], Row]] = [
     dense_adamw,
@@ -214,10 +214,10 @@ def table(rows: list[Row], dense: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"a few seconds: {QUICK}")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=30, help="AdamW epochs (dense, ProxRank)")
-    parser.add_argument("--sweeps", type=int, default=100, help="NN-BCD sweeps")
+    parser.add_argument("--sweeps", type=int, default=200, help="NN-BCD sweeps")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -225,7 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, k, v)
     torch.set_num_threads(args.threads)
     d = load(args.hidden)
-    rows = [method(d, args) for method in METHODS]
+    rows = []
+    for method in METHODS:
+        rows.append(method(d, args))
+        print(f"{rows[-1].method}: {rows[-1].accuracy:.3f} ({rows[-1].seconds:.1f} s)", flush=True)
     dense = dense_params(mlp(args.hidden))
     header = (
         f"digits MLP 64-{args.hidden}-{args.hidden}-10; {args.epochs} AdamW epochs, "
