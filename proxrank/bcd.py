@@ -271,10 +271,13 @@ class NNBCD:
                 raise ValueError("compress='tt' needs ranks= (TT rank of every bond, e.g. 4)")
             if isinstance(cores, bool) or not isinstance(cores, int) or cores < 2:
                 raise ValueError(f"cores must be an int >= 2, got {cores!r}")
+            if layout is not None and not isinstance(layout, list):
+                raise ValueError(
+                    "layout must be a list with one (row_shape, col_shape) pair (or None) per "
+                    f"Linear layer, got {type(layout).__name__}"
+                )
             layouts = (
-                [None] * count
-                if layout is None
-                else _per_layer(layout, count, "layout", (list, tuple))
+                [None] * count if layout is None else _per_layer(layout, count, "layout", (list,))
             )
             per_layer_ranks = _per_layer(ranks, count, "ranks", (list,))
             self.specs = [
@@ -312,8 +315,11 @@ class NNBCD:
                 f"got {ranks!r}"
             )
         m, n = self.layers[i].weight.shape
-        rows, cols = default_layout(m, n, cores) if layout is None else layout
-        rows, cols = tuple(rows), tuple(cols)
+        if layout is None:
+            layout = default_layout(m, n, cores)
+        if not (isinstance(layout, list | tuple) and len(layout) == 2):
+            raise ValueError(f"layout for layer {i} must be a (row_shape, col_shape) pair")
+        rows, cols = tuple(layout[0]), tuple(layout[1])
         if len(rows) != len(cols) or math.prod(rows) != m or math.prod(cols) != n:
             raise ValueError(
                 f"layout for layer {i} ({m} x {n} weight) must be (row_shape, col_shape) of equal "

@@ -447,6 +447,8 @@ def test_non_finite_weights_are_refused():
             "products 4 and 8",
         ),
         ({"compress": "tt", "ranks": 2, "layout": [((4,), (8,)), None]}, ValueError, "needs >= 1"),
+        ({"compress": "tt", "ranks": 2, "layout": ((2, 2), (2, 4))}, ValueError, "must be a list"),
+        ({"compress": "tt", "ranks": 2, "layout": [(2, 2, 2), None]}, ValueError, "pair"),
         ({"compress": "prune", "keep": 0.5, "tau": 0}, ValueError, "tau must be a finite"),
         ({"compress": "prune", "keep": 0.5, "alpha": math.inf}, ValueError, "alpha must be"),
         ({"compress": "prune", "keep": 0.5, "gamma": "1"}, TypeError, "gamma must be"),
