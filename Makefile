@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.proxrank-installed
 
-.PHONY: test demo bench bench-zero-shot bench-schedules bench-distributed bench-recovery bench-lm lint clean
+.PHONY: test demo bench bench-zero-shot bench-schedules bench-distributed bench-recovery bench-lm bench-pruning lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-recovery: $(STAMP)
 # character-level GPT-2 on the license texts: truncation + fine-tune vs ProxRank at equal steps
 bench-lm: $(STAMP)
 	$(PY) benchmarks/lm.py
+
+# digits MLP: dense vs ProxRank vs NN-BCD (tensor-train, pruning): accuracy, size, time
+bench-pruning: $(STAMP)
+	$(PY) benchmarks/pruning_tt.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
