@@ -42,13 +42,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from .sparsity import keep_largest
 from .tt import default_layout, to_tt_tensor, tt_round, tt_svd
 
 __all__ = [
     "NNBCD",
     "activation_update",
     "compressed_update",
-    "keep_largest",
     "last_preactivation_update",
     "output_update",
     "relu_prox",
@@ -151,24 +151,14 @@ def weight_update(
     return (theta, None) if b_prev is None else (theta[:, :n_in], theta[:, n_in])
 
 
-def keep_largest(w: Tensor, k: int) -> Tensor:
-    """Euclidean projection of ``w`` onto the matrices with at most ``k`` nonzeros: the ``k``
-    entries of largest magnitude kept, the others zeroed (ties broken by ``torch.topk``)."""
-    flat = w.reshape(-1)
-    out = torch.zeros_like(flat)
-    idx = flat.abs().topk(min(k, flat.numel())).indices
-    out[idx] = flat[idx]
-    return out.reshape(w.shape)
-
-
 def compressed_update(
     w: Tensor, g_prev: Tensor, project: Callable[[Tensor], Tensor], tau: float, alpha: float
 ) -> Tensor:
     """``G_i = argmin_{G in C_i} tau/2 ||W_i - G||^2 + alpha/2 ||G - G_prev||^2
     = P_C(c)``, ``c = (tau W_i + alpha G_prev) / (tau + alpha)``, since the two terms are
     ``(tau + alpha)/2 ||G - c||^2`` plus a constant and ``P_C`` is the Euclidean projection
-    onto ``C_i`` (:func:`keep_largest`; TT rounding, which is the exact projection for a
-    two-core layout, the truncated SVD).
+    onto ``C_i`` (:func:`proxrank.sparsity.keep_largest` over all entries; TT rounding,
+    which is the exact projection for a two-core layout, the truncated SVD).
 
     TT-SVD with more than two cores is quasi-optimal only (within ``sqrt(d - 1)`` of the best),
     so ``project(c)`` replaces ``G_prev`` only when it is at least as close to ``c``; both lie
@@ -341,12 +331,12 @@ class NNBCD:
 
     def project(self, i: int, w: Tensor) -> Tensor:
         """The projection ``P_C`` of layer ``i`` (which must be compressed) applied to ``w``:
-        TT-SVD rounding or :func:`keep_largest`."""
+        TT-SVD rounding or :func:`proxrank.sparsity.keep_largest`."""
         spec = self.specs[i]
         if spec is None:
             raise ValueError(f"layer {i} is left uncompressed; it has no projection")
         if self.compress == "prune":
-            return keep_largest(w, spec)
+            return keep_largest(w.reshape(-1), spec).reshape(w.shape)
         rows, cols, ranks = spec
         return tt_round(w, rows, cols, ranks)
 

@@ -17,12 +17,12 @@ from proxrank.bcd import (
     NNBCD,
     activation_update,
     compressed_update,
-    keep_largest,
     last_preactivation_update,
     output_update,
     relu_prox,
     weight_update,
 )
+from proxrank.sparsity import keep_largest
 from proxrank.tt import tt_round
 
 D = torch.float64
@@ -35,6 +35,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def prune(w, k):
+    """The projection onto at most ``k`` nonzeros of the whole matrix."""
+    return keep_largest(w.reshape(-1), k).reshape(w.shape)
 
 
 def randn(*shape, g):
@@ -174,8 +179,8 @@ def block_g(w, g_prev, tau, alpha):
 def test_pruned_copy_update_beats_every_support(k):
     g = torch.Generator().manual_seed(4)
     t, a = HYPER["tau"], HYPER["alpha"]
-    w, g_prev = randn(2, 3, g=g), keep_largest(randn(2, 3, g=g), k)
-    closed = compressed_update(w, g_prev, lambda c: keep_largest(c, k), t, a)
+    w, g_prev = randn(2, 3, g=g), prune(randn(2, 3, g=g), k)
+    closed = compressed_update(w, g_prev, lambda c: prune(c, k), t, a)
     assert int(torch.count_nonzero(closed)) <= k
     f = block_g(w, g_prev, t, a)
     c = (t * w + a * g_prev) / (t + a)
