@@ -3,16 +3,19 @@
 An MLP 64-256-256-10 (ReLU) on the 8x8 digits (1347 training, 450 test images, standardised):
 
 * ``dense AdamW``: cross-entropy, AdamW, no compression (the reference size);
-* ``ProxRank(AdamW) prox=soft``: the same training with the nuclear-norm prox after every step;
-  size = factorized weights ``min(r (m + n), m n)`` per layer;
+* ``ProxRank(AdamW) prox=...``: the same training with a prox after every step (``soft``: the
+  nuclear norm; ``l1``: lasso; ``group``: group lasso on output units; ``magnitude``: gradual
+  magnitude pruning to a density, cubic ramp over the first 60% of the steps; ``tt``: TT
+  rounding), then :func:`proxrank.factorize` (``prune=True``: zero units removed; ``sparse=
+  "csr"`` / ``tt=True`` where the row says so): accuracy and size of the factorized model
+  (CSR weights count their nonzero values);
 * ``NN-BCD TT`` / ``NN-BCD prune``: :class:`proxrank.bcd.NNBCD` (closed-form block coordinate
   descent on the squared loss of one-hot targets, the paper's setting), from the same random
   initialisation, then the compressed copies ``G_i`` loaded into the model; size = TT cores or
   nonzeros. ``+ warm`` rows start from the dense AdamW model instead (time: the sweeps only).
 
-Every method is one entry of ``METHODS``: a function ``(data, args) -> Row``; a new ProxRank
-prox family is one more ``partial(prox_rank, name=..., count=..., prox=..., lam=...)`` line,
-``count`` giving its size (``low_rank_params`` here; a nonzero count for sparsity proxes).
+Every method is one entry of ``METHODS``: a function ``(data, args) -> Row``; a ProxRank
+recipe is one ``partial(prox_rank, name=..., forms=<factorize options>, **ProxRank options)``.
 Sizes count weights and biases. Prints a markdown table (machine, threads) and writes JSON to
 ``--out``.
 
@@ -38,7 +41,7 @@ from torch import nn
 
 import proxrank
 from proxrank.bcd import NNBCD
-from proxrank.budget import layer_cost
+from proxrank.tt import TTRound
 
 BATCH = 64
 LR = 1e-3
@@ -100,12 +103,12 @@ def dense_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def low_rank_params(model: nn.Module) -> tuple[int, str]:
-    """Factorized size ``min(r (m + n), m n)`` per weight, plus the biases; the ranks."""
-    ranks = [int(torch.linalg.matrix_rank(m.weight.detach())) for m in linears(model)]
-    shapes = [m.weight.shape for m in linears(model)]
-    size = sum(layer_cost(*s, r) for s, r in zip(shapes, ranks, strict=True))
-    return size + biases(model), "ranks " + "/".join(map(str, ranks))
+def factorized(model: nn.Module, **options) -> tuple[nn.Module, int, str]:
+    """``proxrank.factorize(model, **options)``: the genuinely smaller model, its parameter count
+    (weights and biases) and each weight's form (low-rank split, pruned shape, TT, CSR)."""
+    small, summary = proxrank.factorize(model, **options)
+    forms = "; ".join(f"{row.matrix} {row.form} rank {row.rank}" for row in summary.layers)
+    return small, summary.model_params_after, forms
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, d: Data, epochs: int) -> None:
@@ -126,17 +129,19 @@ def dense_adamw(d: Data, args) -> Row:
     return Row("dense AdamW", accuracy(model, d), dense_params(model), seconds, "")
 
 
-def prox_rank(
-    d: Data, args, *, name: str, count: Callable[[nn.Module], tuple[int, str]], **options
-) -> Row:
-    """AdamW wrapped in ``ProxRank(**options)``, trained as the dense row."""
+def prox_rank(d: Data, args, *, name: str, forms: dict | None = None, **options) -> Row:
+    """AdamW wrapped in ``ProxRank(**options)``, trained as the dense row, then turned into
+    smaller layers by ``proxrank.factorize(**forms)``: accuracy and size of that model."""
     model = mlp(d.hidden)
+    steps = args.epochs * -(-len(d.xtr) // BATCH)
+    if "schedule" in options:  # a ramp over the first 60% of the steps, then held
+        options["schedule"] = proxrank.Schedule(**options["schedule"], ramp_end=int(0.6 * steps))
     opt = proxrank.ProxRank(torch.optim.AdamW(model.parameters(), lr=LR), model, **options)
     start = time.perf_counter()
     train(model, opt, d, args.epochs)
     seconds = time.perf_counter() - start
-    size, detail = count(model)
-    return Row(name, accuracy(model, d), size, seconds, detail)
+    small, size, detail = factorized(model.eval(), **(forms or {}))
+    return Row(name, accuracy(small, d), size, seconds, detail)
 
 
 def nn_bcd(d: Data, args, *, name: str, warm: bool = False, **options) -> Row:
@@ -162,9 +167,18 @@ def nn_bcd(d: Data, args, *, name: str, warm: bool = False, **options) -> Row:
 
 BCD = {"tau": 300.0, "gamma": 1.0, "rho": 1.0, "alpha": 0.1}
 TT_RANKS, KEEP = 8, 0.1
+LAM_L1, LAM_GROUP = 0.6, 4.0
 METHODS: list[Callable[[Data, argparse.Namespace], Row]] = [
     dense_adamw,
-    partial(prox_rank, name="ProxRank(AdamW) prox=soft lam=3", count=low_rank_params, lam=3.0),
+    partial(prox_rank, name="ProxRank(AdamW) prox=soft lam=3", lam=3.0),
+    partial(prox_rank, name=f"ProxRank(AdamW) prox=l1 lam={LAM_L1}", lam=LAM_L1, prox="l1",
+            forms={"sparse": "csr"}),
+    partial(prox_rank, name=f"ProxRank(AdamW) prox=group lam={LAM_GROUP}", lam=LAM_GROUP,
+            prox="group"),
+    partial(prox_rank, name=f"ProxRank(AdamW) prox=magnitude target={KEEP}", prox="magnitude",
+            schedule={"target": KEEP}, forms={"sparse": "csr"}),
+    partial(prox_rank, name=f"ProxRank(AdamW) prox=tt ranks={TT_RANKS}",
+            prox=TTRound(ranks=TT_RANKS), forms={"tt": True}),
     partial(nn_bcd, name=f"NN-BCD TT ranks={TT_RANKS}", compress="tt", ranks=TT_RANKS, **BCD),
     partial(nn_bcd, name=f"NN-BCD prune keep={KEEP}", compress="prune", keep=KEEP, **BCD),
     partial(
