@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import Backend, BackendError, State, SVDResult, check_positive, state_list
-from .kernels import Part, exact_part, frobenius2, gram_part, subspace_part
+from .kernels import Part, exact_part, frobenius2, gram_eigenvalues, gram_part, subspace_part
 from .planner import AutoPlanner, GramPlanner, Planner, SubspacePlanner
 
 __all__ = ["AutoBackend", "CertifiedBackend", "GramBackend", "SubspaceBackend"]
@@ -34,6 +34,10 @@ class CertifiedBackend(Backend):
             at most a factor ``(10^(10/probes) sqrt(2/pi))^(1/(2 power + 1))``, 1.3 for the
             defaults). The first power step rides along in the Rayleigh-Ritz products; each
             further one costs two thin passes over the matrix.
+        spectrum: when a subspace result fails only because of the part outside its basis
+            (values dense at the cutoff or at the ``min_rank``-th value), certify it again
+            from the eigenvalues of ``Y Y^T`` (float64, no eigenvectors: a fraction of an
+            SVD) before another round or the exact SVD.
 
     A call decides, for a whole batch, with one host synchronisation per round. Inputs are
     scaled per matrix by a power of two (exact) to a largest entry in ``[0.5, 1)``, so that
@@ -51,6 +55,7 @@ class CertifiedBackend(Backend):
         iterations: int = 2,
         probes: int = 16,
         power: int = 2,
+        spectrum: bool = True,
     ) -> None:
         if not isinstance(planner, Planner):
             raise ValueError(f"planner must be a proxrank.backends.Planner, got {planner!r}")
@@ -59,14 +64,17 @@ class CertifiedBackend(Backend):
             check_positive(value, option, integer=True)
         if isinstance(power, bool) or not isinstance(power, int) or power < 0:
             raise ValueError(f"power must be an int >= 0, got {power!r}")
-        self.planner, self.tol = planner, float(tol)
+        if not isinstance(spectrum, bool):
+            raise ValueError(f"spectrum must be True or False, got {spectrum!r}")
+        self.planner, self.tol, self.spectrum = planner, float(tol), spectrum
         self.iterations, self.probes, self.power = iterations, probes, power
         self._generators: dict[str, torch.Generator] = {}
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(planner={self.planner!r}, tol={self.tol:g}, "
-            f"iterations={self.iterations}, probes={self.probes}, power={self.power})"
+            f"iterations={self.iterations}, probes={self.probes}, power={self.power}, "
+            f"spectrum={self.spectrum})"
         )
 
     # -- generators ------------------------------------------------------------------------
@@ -184,10 +192,16 @@ class CertifiedBackend(Backend):
         parts: list[Part] = []
         need: dict[int, int] = {}
         rounds: dict[int, int] = {}
+        ritz = dict.fromkeys(range(B), 1)  # Rayleigh-Ritz rounds so far
+        spectra: dict[int, tuple[Tensor, Tensor]] = {}  # Gram eigenvalues, once computed
         failed: set[int] = set()
-        for r in range(1, self.iterations + 2):
-            ok = torch.cat([(p.bound <= limit[p.idx]) | (p.method == "exact") for p in pending])
-            checks = [ok.long(), *(p.need for p in pending)]
+        for r in range(1, 2 * self.iterations + 2):
+            ok = []  # per matrix: 1 certified, 2 not but the spectrum may certify it, 0 not
+            for p in pending:
+                good = (p.bound <= limit[p.idx]) | (p.method == "exact")
+                hope = (p.floor <= limit[p.idx]) if p.floor is not None else torch.zeros_like(good)
+                ok.append(good.long() + 2 * (~good & hope).long())
+            checks = [torch.cat(ok), *(p.need for p in pending)]
             if r == 1 and not exact_only:
                 checks.append(torch.isfinite(norm2).long())
             flags = torch.cat(checks).tolist()  # one sync
@@ -200,19 +214,36 @@ class CertifiedBackend(Backend):
                 )
             order = [i for p in pending for i in p.idx]
             need.update(zip(order, flags[len(order) : 2 * len(order)], strict=True))
-            bad_set = {i for i, good in zip(order, flags, strict=False) if not good}
+            bad_set = {i for i, good in zip(order, flags, strict=False) if good != 1}
+            hopeful = {i for i, good in zip(order, flags, strict=False) if good == 2}
             retry: dict[int, list[tuple[Part, int, int]]] = {}
+            recertify: list[tuple[Part, list[int]]] = []
             redo = []
             for p in pending:
                 parts.append(p.select([j for j, i in enumerate(p.idx) if i not in bad_set]))
+                rows = []
                 for j, i in enumerate(p.idx):
                     rounds[i] = r
-                    if i in bad_set:
-                        if r < self.iterations:
-                            retry.setdefault(p.next_src.shape[-1], []).append((p, j, i))
-                        else:
-                            redo.append(i)
+                    if i not in bad_set:
+                        continue
+                    if self.spectrum and i in hopeful and p.spectral is not None:  # the tail
+                        rows.append(j)
+                    elif ritz[i] < self.iterations:
+                        ritz[i] += 1
+                        retry.setdefault(p.next_src.shape[-1], []).append((p, j, i))
+                    else:
+                        redo.append(i)
+                if rows:
+                    recertify.append((p, rows))
             pending = []
+            for p, rows in recertify:
+                fresh = [p.idx[j] for j in rows if p.idx[j] not in spectra]
+                if fresh:
+                    lam, eta = gram_eigenvalues(Ys[fresh], norm2[fresh], fresh)
+                    spectra.update({i: (lam[t], eta[t]) for t, i in enumerate(fresh)})
+                got = [spectra[p.idx[j]] for j in rows]
+                spectrum = (torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]))
+                pending.append(p.with_spectrum(rows, spectrum))
             for group in retry.values():  # one more Rayleigh-Ritz round, per basis width
                 idx = [i for _, _, i in group]
                 Q = torch.stack([p.next_src[j] for p, j, _ in group])
@@ -272,6 +303,7 @@ class CertifiedBackend(Backend):
                 "triplets": need[i],
                 "fallback": i in failed,
                 "rounds": rounds[i],
+                "spectrum": p.from_spectrum,
                 "since_refresh": st.get("since_refresh", 0) + 1 if subspace else 0,
             }
         if not self.planner.keeps_basis:
@@ -327,9 +359,12 @@ class SubspaceBackend(CertifiedBackend):
         refresh: int = 100,
         probes: int = 16,
         power: int = 2,
+        spectrum: bool = True,
     ) -> None:
         planner = SubspacePlanner(refresh)
-        super().__init__(planner, tol, iterations=iterations, probes=probes, power=power)
+        super().__init__(
+            planner, tol, iterations=iterations, probes=probes, power=power, spectrum=spectrum
+        )
 
 
 class AutoBackend(CertifiedBackend):
@@ -350,6 +385,9 @@ class AutoBackend(CertifiedBackend):
         refresh: int = 100,
         probes: int = 16,
         power: int = 2,
+        spectrum: bool = True,
     ) -> None:
         planner = AutoPlanner(refresh, max_ratio, min_size, gram_aspect)
-        super().__init__(planner, tol, iterations=iterations, probes=probes, power=power)
+        super().__init__(
+            planner, tol, iterations=iterations, probes=probes, power=power, spectrum=spectrum
+        )

@@ -27,8 +27,10 @@ __all__ = [
     "Part",
     "exact_part",
     "frobenius2",
+    "gram_eigenvalues",
     "gram_part",
     "lapack",
+    "spectral_bound",
     "subspace_part",
 ]
 
@@ -55,12 +57,15 @@ class Part:
     bound: Tensor  # (b,)
     need: Tensor  # (b,) number of triplets to return
     next_src: Tensor  # (b, m, k): columns whose span is the next basis
+    spectral: Spectral | None = None  # the certificate from the exact spectrum (subspace)
+    floor: Tensor | None = None  # (b,) the part of `bound` that `spectral` cannot lower
+    from_spectrum: bool = False  # certified by `spectral`
 
     def select(self, keep: list[int]) -> Part:
         """The part restricted to its matrices at positions ``keep``."""
         if len(keep) == len(self.idx):
             return self
-        vh = self.vh
+        vh, spec = self.vh, self.spectral
         return Part(
             [self.idx[j] for j in keep],
             self.method,
@@ -70,7 +75,27 @@ class Part:
             self.bound[keep],
             self.need[keep],
             self.next_src[keep],
+            None if spec is None else lambda rows, lam: spec([keep[r] for r in rows], lam),
+            None if self.floor is None else self.floor[keep],
+            self.from_spectrum,
         )
+
+    def with_spectrum(self, rows: list[int], spectrum: tuple[Tensor, Tensor]) -> Part:
+        """The part's matrices at positions ``rows`` recertified from the eigenvalues of their
+        Gram matrices (:func:`gram_eigenvalues`) instead of a tail bound; the same
+        triplets."""
+        assert self.spectral is not None
+        sub = self.select(rows)
+        bound, S = self.spectral(rows, spectrum)
+        return Part(
+            sub.idx, sub.method, sub.U, S, sub.vh, bound, sub.need, sub.next_src, from_spectrum=True
+        )
+
+
+Spectral = Callable[[list[int], tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]
+"""``(rows, (lam, eta)) -> (bound, S)``: a subspace part's certificate for its matrices at
+``rows`` given the eigenvalues ``lam`` of their Gram matrices (descending, float64) and their
+error ``eta``; ``S`` the Ritz values with the ``min_rank``-th replaced by its exact value."""
 
 
 def lapack(fn: Callable[[Tensor], tuple[Tensor, ...]], A: Tensor, idx: Sequence[int]):
@@ -184,6 +209,59 @@ def gram_part(Y: Tensor, c: Tensor, norm2: Tensor, min_rank: int, idx: list[int]
     return Part(idx, "gram", U, Sy, lambda K: right_vectors(U, Y, Sy, K), bound, need, U)
 
 
+def gram_eigenvalues(Y: Tensor, norm2: Tensor, idx: list[int]) -> tuple[Tensor, Tensor]:
+    """Eigenvalues of ``Y Y^T`` (``m <= n``), descending, from ``G = fl(Y Y^T)`` in float64,
+    and ``eta`` (``(b,)``) with ``|lam_i - lambda_i(Y Y^T)| <= eta``: the rounding of ``G``
+    (``n eps ||Y||_F^2``, deterministic) plus the backward error of the symmetric eigenvalue
+    solver (``8 m eps ||G||_2``, a generous constant for LAPACK's ``syevd``). No eigenvectors:
+    a fraction of the cost of an eigendecomposition."""
+    m, n = Y.shape[-2:]
+    Yd = Y.double()
+    lam = lapack(lambda G: (torch.linalg.eigvalsh(G),), Yd @ Yd.mT, idx)[0].flip(-1)
+    eps = torch.finfo(torch.float64).eps
+    return lam, (n + 8 * m) * eps / (1 - (n + 8 * m) * eps) * norm2
+
+
+def spectral_bound(
+    lam: Tensor,
+    eta: Tensor,
+    S: Tensor,
+    res: Tensor,
+    j: Tensor,
+    level: Tensor,
+    margin: Tensor,
+) -> Tensor:
+    """The part of the certificate outside the first ``j`` Ritz triplets, from the exact
+    spectrum (``lam``, descending, within ``eta``) instead of a tail bound: an upper bound on
+    ``||svt(E_22, level)||_F`` (module docstring of :mod:`proxrank.backends`).
+
+    Let ``U_1`` hold the first ``j`` Ritz vectors, ``R = G U_1 - U_1 diag(S_1^2)`` (norms
+    ``res``, within ``margin`` each, of rounding) and ``delta = s_j^2 - ||R||_F -
+    lambda_{j+1}`` (``U_1^T G U_1`` has its eigenvalues within ``||R||_F`` of ``S_1^2``). If
+    ``delta > 0``, Davis-Kahan's sin-theta theorem bounds the angle between ``U_1`` and the
+    top-``j`` eigenspace of ``G``: ``||sin Theta||_F <= ||R||_F / delta``. The compression
+    ``(I - P) G (I - P)`` (``P = U_1 U_1^T``; its eigenvalues are the squared singular values
+    of ``E_22`` and zeros) then has eigenvalues ``mu_i <= lambda_{j+i} + lambda_1 ||sin
+    Theta||^2`` (interlacing for the compression of the lower part of ``G``, Weyl for the
+    upper part), so ``||svt(E_22, level)||_F^2 <= sum_i max(sqrt(mu_i) - level, 0)^2``."""
+    m = lam.shape[-1]
+    k = S.shape[-1]
+    hi = lam + eta.unsqueeze(-1)
+    pos = torch.arange(k, device=S.device)
+    kept = pos < j.unsqueeze(-1)
+    s2 = S.double().square()
+    sj2 = gather_or_zero(s2, (j - 1).clamp_min(0))
+    nxt = gather_or_zero(hi, j.clamp_max(m - 1))
+    r_f = torch.where(kept, (res.double() + margin.unsqueeze(-1)).square(), 0).sum(-1).sqrt()
+    delta = sj2 - r_f - nxt  # U_1^T G U_1 has its eigenvalues within ||R||_F of S_1^2
+    sin2 = torch.where(j > 0, (r_f / delta.clamp_min(1e-300)).square(), 0).clamp_max(1)
+    sin2 = torch.where((j > 0) & (delta <= 0), 1.0, sin2)
+    mu = hi + (hi[..., 0] * sin2).unsqueeze(-1)
+    rest = torch.arange(m, device=S.device) >= j.unsqueeze(-1)
+    over = (mu.sqrt() - level.unsqueeze(-1)).clamp_min(0)
+    return torch.where(rest, over.square(), 0).sum(-1).sqrt()
+
+
 def _probe_scale(X: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor]:
     """``X`` rescaled to unit largest column norm, the scale added to ``log_scale``."""
     top = torch.linalg.vector_norm(X, dim=-2).amax(-1).clamp_min(torch.finfo(X.dtype).tiny)
@@ -272,4 +350,36 @@ def subspace_part(
     bound = torch.where(certified, total, math.inf).to(Y.dtype)
     floor = (lam[..., :1] * torch.finfo(Y.dtype).eps).clamp_min(torch.finfo(Y.dtype).tiny)
     scaled = GU / lam.clamp_min(floor).unsqueeze(-2)
-    return Part(idx, "subspace", U, S, lambda K: right_vectors(W, Z, S, K), bound, need, scaled)
+    # rounding of the computed residuals (products of length n and k, columns of norm at most
+    # s_1 ||Y||_F), as in `rounding`
+    u = torch.finfo(Y.dtype).eps / 2
+    margin = ROUNDING_LAMBDA * u * (2 + math.sqrt(n) + math.sqrt(k)) * norm2.sqrt()
+    margin = margin * S[..., 0].double()
+    col2 = col.double().square()
+
+    def spectral(rows: list[int], spectrum: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        lam_x, eta = spectrum
+        Sr, nr = S[rows], norm2[rows]
+        level = c[rows].double()
+        shift = torch.zeros_like(level)
+        if min_rank:  # the min_rank-th value from the spectrum, not a Ritz value
+            if min_rank > k or min_rank > m:
+                return torch.full_like(level, math.inf).to(Y.dtype), Sr
+            t = lam_x[..., min_rank - 1]
+            hi = (t + eta).sqrt()
+            exact = t.clamp_min(0).sqrt()
+            level = torch.minimum(level, exact)
+            shift = hi - (t - eta).clamp_min(0).sqrt()  # >= |exact - s_min_rank|
+            Sr = Sr.clone()
+            Sr[..., min_rank - 1] = torch.where(exact < c[rows], exact, Sr[..., min_rank - 1])
+        jr = torch.minimum((Sr.double() > level.unsqueeze(-1)).sum(-1), need[rows])
+        keep = torch.arange(k, device=Y.device) < jr.unsqueeze(-1)
+        e21_j = torch.where(keep, col2[rows], 0).sum(-1).sqrt()
+        tail_j = spectral_bound(lam_x, eta, Sr, res[rows], jr, level, margin[rows])
+        total = e21_j + tail_j + jr.double().sqrt() * shift + rounding(nr, Y.dtype, m, n)
+        return torch.where(torch.isfinite(total), total, math.inf).to(Y.dtype), Sr
+
+    own = torch.arange(k, device=Y.device) < (need - (1 if min_rank else 0)).unsqueeze(-1)
+    floor = torch.where(own, col2, 0).sum(-1).sqrt() + rounding(norm2, Y.dtype, m, n)
+    vh = lambda K: right_vectors(W, Z, S, K)  # noqa: E731
+    return Part(idx, "subspace", U, S, vh, bound, need, scaled, spectral, floor.to(Y.dtype))
