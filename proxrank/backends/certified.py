@@ -273,7 +273,7 @@ class CertifiedBackend(Backend):
             bound[t] = p.bound
         S = S / scale[:, None]
         bound = bound / scale
-        updates = [self._record(p, states, need, rounds, failed, bound, m, n) for p in parts]
+        updates = [self._record(p, states, need, rounds, ritz, failed, bound, m, n) for p in parts]
         for update in updates:  # nothing is assigned before everything succeeded
             for i, values in update.items():
                 states[i].update(values)
@@ -286,16 +286,18 @@ class CertifiedBackend(Backend):
             bound.reshape(batch_shape),
         )
 
-    def _record(self, p: Part, states, need, rounds, failed, bound, m: int, n: int):
+    def _record(self, p: Part, states, need, rounds, ritz, failed, bound, m: int, n: int):
         """The new per-matrix entries of ``p``'s matrices: diagnostics and, when the planner
-        keeps one, the next step's basis (fresh tensors)."""
+        keeps one, the next step's basis (fresh tensors), wider after a step that needed
+        another Rayleigh-Ritz round or the exact SVD (not after a certificate from the
+        spectrum: a wider block does not lower a dense tail)."""
         out: dict[int, dict[str, Any]] = {}
         sizes = []
         for i in p.idx:
             st = states[i]
             subspace = p.method == "subspace"
             k_cur = st["basis"].shape[-1] if subspace and st.get("basis") is not None else 0
-            hard = i in failed or rounds[i] > 1
+            hard = i in failed or ritz[i] > 1
             sizes.append(Planner.block(need[i], k_cur, m, hard))
             out[i] = {
                 "backend": p.method,
