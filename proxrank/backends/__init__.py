@@ -63,13 +63,14 @@ the returned triplets do not change): ``"subspace"`` certifies with the fewest t
   weight, where no cheap bound on ``||(I - Q Q^T) Y||_2`` can separate it from its neighbours.
   The eigenvalues ``lambda_i`` of ``G = Y Y^T`` (formed and solved in float64 without
   eigenvectors, within ``eta = (n + 8 m) eps ||Y||_F^2``) replace the tail bound: with the
-  first ``j`` Ritz vectors ``U_1`` (residual ``R``, ``delta = s_j^2 - ||R||_F -
-  lambda_{j+1} > 0``), Davis-Kahan's sin-theta theorem gives ``||sin Theta||_F <= ||R||_F /
-  delta`` against the top-``j`` eigenspace, and the squared singular values of ``E_22`` are at
-  most ``lambda_{j+i} + lambda_1 ||sin Theta||^2`` (interlacing and Weyl), so ``||svt(E_22,
-  c)||_F`` is bounded from the spectrum and enters the bound in place of the condition
-  ``||E_22||_2 <= c``. A rank request takes the ``min_rank``-th value from the spectrum too
-  (the threshold of the rank prox; its error times ``sqrt(j)`` is added). State ``"spectrum"``
+  first ``j`` Ritz vectors ``U_1`` (re-orthonormalised in float64; their defect ``omega`` adds
+  ``3 omega ||Y||_F``) and ``rho >= ||G U_1 - U_1 S_1^2||_F`` (float64), if ``s_j^2 - rho >
+  lambda_{j+1} + rho``, Weyl's inequality puts the squared singular values of ``E_22`` below
+  ``lambda_{j+i} + rho``, so ``||svt(E_22, c)||_F`` is bounded from the spectrum and enters
+  the bound in place of the condition ``||E_22||_2 <= c``
+  (:func:`~proxrank.backends.kernels.spectral_bound`). A rank request takes the
+  ``min_rank``-th value from the spectrum too (the threshold of the rank prox; its error times
+  ``sqrt(j)`` is added). State ``"spectrum"``
   says a result was certified so. Cost: one float64 ``m x m x n`` product and an eigenvalue
   solve (no vectors), against the SVD it replaces;
 * ``"gram"`` bounds it deterministically from the eigen-residuals ``||G q_i - lambda_i q_i||``
@@ -103,7 +104,8 @@ A call decides, for a whole batch, with one host synchronisation per round (a se
 when some matrix needs another round or the exact fallback): no per-matrix ``.item()``.
 Per matrix, ``state`` records ``"backend"`` (the method used), ``"error_bound"`` (a 0-dim
 tensor), ``"triplets"`` (number of returned triplets), ``"fallback"``, ``"rounds"``,
-``"spectrum"``, ``"since_refresh"``, and for ``"subspace"``/``"auto"`` the basis ``"basis"`` and ``"shape"``.
+``"spectrum"``, ``"since_refresh"``, and for ``"subspace"``/``"auto"`` the basis ``"basis"``
+and ``"shape"``.
 Nothing stored is ever NaN or infinite; the states are only assigned, never mutated in place
 (see :class:`Backend`). LAPACK failures are retried in float64, then raised as
 :class:`BackendError` with the batch position of the matrix.

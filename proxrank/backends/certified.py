@@ -193,7 +193,7 @@ class CertifiedBackend(Backend):
         need: dict[int, int] = {}
         rounds: dict[int, int] = {}
         ritz = dict.fromkeys(range(B), 1)  # Rayleigh-Ritz rounds so far
-        spectra: dict[int, tuple[Tensor, Tensor]] = {}  # Gram eigenvalues, once computed
+        spectra: dict[int, tuple[Tensor, ...]] = {}  # Gram eigenvalues, once computed
         failed: set[int] = set()
         for r in range(1, 2 * self.iterations + 2):
             ok = []  # per matrix: 1 certified, 2 not but the spectrum may certify it, 0 not
@@ -239,10 +239,10 @@ class CertifiedBackend(Backend):
             for p, rows in recertify:
                 fresh = [p.idx[j] for j in rows if p.idx[j] not in spectra]
                 if fresh:
-                    lam, eta = gram_eigenvalues(Ys[fresh], norm2[fresh], fresh)
-                    spectra.update({i: (lam[t], eta[t]) for t, i in enumerate(fresh)})
+                    spec = gram_eigenvalues(Ys[fresh], norm2[fresh], fresh)
+                    spectra.update({i: tuple(x[t] for x in spec) for t, i in enumerate(fresh)})
                 got = [spectra[p.idx[j]] for j in rows]
-                spectrum = (torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got]))
+                spectrum = tuple(torch.stack([g[a] for g in got]) for a in range(3))
                 pending.append(p.with_spectrum(rows, spectrum))
             for group in retry.values():  # one more Rayleigh-Ritz round, per basis width
                 idx = [i for _, _, i in group]

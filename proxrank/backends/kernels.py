@@ -80,7 +80,7 @@ class Part:
             self.from_spectrum,
         )
 
-    def with_spectrum(self, rows: list[int], spectrum: tuple[Tensor, Tensor]) -> Part:
+    def with_spectrum(self, rows: list[int], spectrum: tuple[Tensor, Tensor, Tensor]) -> Part:
         """The part's matrices at positions ``rows`` recertified from the eigenvalues of their
         Gram matrices (:func:`gram_eigenvalues`) instead of a tail bound; the same
         triplets."""
@@ -92,10 +92,11 @@ class Part:
         )
 
 
-Spectral = Callable[[list[int], tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]
-"""``(rows, (lam, eta)) -> (bound, S)``: a subspace part's certificate for its matrices at
-``rows`` given the eigenvalues ``lam`` of their Gram matrices (descending, float64) and their
-error ``eta``; ``S`` the Ritz values with the ``min_rank``-th replaced by its exact value."""
+Spectral = Callable[[list[int], tuple[Tensor, Tensor, Tensor]], tuple[Tensor, Tensor]]
+"""``(rows, (lam, eta, G)) -> (bound, S)``: a subspace part's certificate for its matrices at
+``rows`` given their Gram matrices ``G`` (float64), its eigenvalues ``lam`` (descending) and
+their error ``eta`` (:func:`gram_eigenvalues`); ``S`` the Ritz values with the
+``min_rank``-th replaced by its exact value."""
 
 
 def lapack(fn: Callable[[Tensor], tuple[Tensor, ...]], A: Tensor, idx: Sequence[int]):
@@ -209,57 +210,69 @@ def gram_part(Y: Tensor, c: Tensor, norm2: Tensor, min_rank: int, idx: list[int]
     return Part(idx, "gram", U, Sy, lambda K: right_vectors(U, Y, Sy, K), bound, need, U)
 
 
-def gram_eigenvalues(Y: Tensor, norm2: Tensor, idx: list[int]) -> tuple[Tensor, Tensor]:
-    """Eigenvalues of ``Y Y^T`` (``m <= n``), descending, from ``G = fl(Y Y^T)`` in float64,
-    and ``eta`` (``(b,)``) with ``|lam_i - lambda_i(Y Y^T)| <= eta``: the rounding of ``G``
-    (``n eps ||Y||_F^2``, deterministic) plus the backward error of the symmetric eigenvalue
-    solver (``8 m eps ||G||_2``, a generous constant for LAPACK's ``syevd``). No eigenvectors:
-    a fraction of the cost of an eigendecomposition."""
+def gram_eigenvalues(Y: Tensor, norm2: Tensor, idx: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``G = fl(Y Y^T)`` in float64 (``m <= n``), its eigenvalues ``lam`` (descending) and
+    ``eta`` (``(b,)``) with ``|lam_i - lambda_i(Y Y^T)| <= eta``: the rounding of ``G`` (``n
+    eps ||Y||_F^2``, deterministic) plus the backward error of the symmetric eigenvalue solver
+    (``8 m eps ||G||_2``, a generous constant for LAPACK's ``syevd``). No eigenvectors: a
+    fraction of the cost of an eigendecomposition. Returns ``(lam, eta, G)``."""
     m, n = Y.shape[-2:]
     Yd = Y.double()
-    lam = lapack(lambda G: (torch.linalg.eigvalsh(G),), Yd @ Yd.mT, idx)[0].flip(-1)
+    G = Yd @ Yd.mT
+    lam = lapack(lambda A: (torch.linalg.eigvalsh(A),), G, idx)[0].flip(-1)
     eps = torch.finfo(torch.float64).eps
-    return lam, (n + 8 * m) * eps / (1 - (n + 8 * m) * eps) * norm2
+    return lam, (n + 8 * m) * eps / (1 - (n + 8 * m) * eps) * norm2, G
 
 
 def spectral_bound(
-    lam: Tensor,
-    eta: Tensor,
-    S: Tensor,
-    res: Tensor,
-    j: Tensor,
-    level: Tensor,
-    margin: Tensor,
+    spectrum: tuple[Tensor, Tensor, Tensor], U: Tensor, S: Tensor, j: Tensor, level: Tensor
 ) -> Tensor:
-    """The part of the certificate outside the first ``j`` Ritz triplets, from the exact
-    spectrum (``lam``, descending, within ``eta``) instead of a tail bound: an upper bound on
-    ``||svt(E_22, level)||_F`` (module docstring of :mod:`proxrank.backends`).
+    """An upper bound on ``||svt(E_22, level)||_F`` plus the distance of the returned
+    triplets from exactly orthonormal ones (module docstring of :mod:`proxrank.backends`),
+    from the spectrum ``(lam, eta, G)`` of :func:`gram_eigenvalues` instead of a tail bound;
+    ``U`` (``(b, m, k)``) the Ritz vectors, ``S`` their values, ``j`` how many are kept.
 
-    Let ``U_1`` hold the first ``j`` Ritz vectors, ``R = G U_1 - U_1 diag(S_1^2)`` (norms
-    ``res``, within ``margin`` each, of rounding) and ``delta = s_j^2 - ||R||_F -
-    lambda_{j+1}`` (``U_1^T G U_1`` has its eigenvalues within ``||R||_F`` of ``S_1^2``). If
-    ``delta > 0``, Davis-Kahan's sin-theta theorem bounds the angle between ``U_1`` and the
-    top-``j`` eigenspace of ``G``: ``||sin Theta||_F <= ||R||_F / delta``. The compression
-    ``(I - P) G (I - P)`` (``P = U_1 U_1^T``; its eigenvalues are the squared singular values
-    of ``E_22`` and zeros) then has eigenvalues ``mu_i <= lambda_{j+i} + lambda_1 ||sin
-    Theta||^2`` (interlacing for the compression of the lower part of ``G``, Weyl for the
-    upper part), so ``||svt(E_22, level)||_F^2 <= sum_i max(sqrt(mu_i) - level, 0)^2``."""
-    m = lam.shape[-1]
-    k = S.shape[-1]
+    ``U_1`` (the first ``j`` columns, orthonormality defect ``omega = ||U_1^T U_1 - I||_F``) is
+    within ``omega`` of an orthonormal ``V_1`` (its polar factor); the returned prox moves by at
+    most ``3 omega ||Y||_F`` when ``U_1`` is replaced by ``V_1``. ``V_1`` is approximated by
+    one Newton-Schulz step in float64 (defect ``omega' <= 0.75 omega^2 + 0.25 omega^3`` plus
+    rounding) and ``R = G V_1 - V_1 diag(S_1^2)`` is computed in float64: ``||R||_F <= rho``.
+    In the basis ``[V_1, V_1^perp]``, ``G`` differs from ``blockdiag(V_1^T G V_1, G_22)`` by
+    at most ``rho`` and ``V_1^T G V_1`` has its eigenvalues above ``s_j^2 - rho``; so if
+    ``s_j^2 - rho > lambda_{j+1} + rho``, Weyl's inequality puts the eigenvalues of ``G_22``
+    (the squared singular values of ``E_22``) below ``mu_i = lambda_{j+i} + rho``, and
+    ``||svt(E_22, level)||_F^2 <= sum_i max(sqrt(mu_i) - level, 0)^2``; else the bound is
+    ``inf``."""
+    lam, eta, G = spectrum
+    m, k = U.shape[-2:]
+    eps = torch.finfo(torch.float64).eps
+    kept = (torch.arange(k, device=U.device) < j.unsqueeze(-1)).unsqueeze(-2)
+    U1 = torch.where(kept, U.double(), 0)
+    eye = torch.eye(k, dtype=torch.float64, device=U.device)
+    inner = U1.mT @ U1
+    diag_kept = kept.squeeze(-2).double()
+    E = inner - eye * diag_kept.unsqueeze(-1)
+    omega = torch.linalg.matrix_norm(E) + (m + 2) * eps * (1 + inner.diagonal(0, -2, -1).amax(-1))
+    V1 = U1 - 0.5 * (U1 @ E)
+    w2 = 0.75 * omega.square() + 0.25 * omega.pow(3) + 4 * (m + k) * eps * (1 + omega).square()
     hi = lam + eta.unsqueeze(-1)
-    pos = torch.arange(k, device=S.device)
-    kept = pos < j.unsqueeze(-1)
-    s2 = S.double().square()
+    top = hi[..., 0].clamp_min(0)
+    s2 = S.double().square() * diag_kept
+    R = G @ V1 - V1 * s2.unsqueeze(-2)
+    rho = (
+        torch.linalg.matrix_norm(R)
+        + 2 * top * w2
+        + (m + 2) * eps * top * (1 + w2) * j.double().sqrt()
+    )
     sj2 = gather_or_zero(s2, (j - 1).clamp_min(0))
     nxt = gather_or_zero(hi, j.clamp_max(m - 1))
-    r_f = torch.where(kept, (res.double() + margin.unsqueeze(-1)).square(), 0).sum(-1).sqrt()
-    delta = sj2 - r_f - nxt  # U_1^T G U_1 has its eigenvalues within ||R||_F of S_1^2
-    sin2 = torch.where(j > 0, (r_f / delta.clamp_min(1e-300)).square(), 0).clamp_max(1)
-    sin2 = torch.where((j > 0) & (delta <= 0), 1.0, sin2)
-    mu = hi + (hi[..., 0] * sin2).unsqueeze(-1)
-    rest = torch.arange(m, device=S.device) >= j.unsqueeze(-1)
-    over = (mu.sqrt() - level.unsqueeze(-1)).clamp_min(0)
-    return torch.where(rest, over.square(), 0).sum(-1).sqrt()
+    separated = (j == 0) | (sj2 - rho > nxt + rho)
+    mu = hi + torch.where(j > 0, rho, 0).unsqueeze(-1)
+    rest = torch.arange(m, device=U.device) >= j.unsqueeze(-1)
+    over = (mu.clamp_min(0).sqrt() - level.unsqueeze(-1)).clamp_min(0)
+    tail = torch.where(rest, over.square(), 0).sum(-1).sqrt()
+    ortho = 3 * omega * G.diagonal(0, -2, -1).sum(-1).clamp_min(0).sqrt()
+    return torch.where(separated & (omega < 0.5), tail + ortho, math.inf)
 
 
 def _probe_scale(X: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -350,15 +363,10 @@ def subspace_part(
     bound = torch.where(certified, total, math.inf).to(Y.dtype)
     floor = (lam[..., :1] * torch.finfo(Y.dtype).eps).clamp_min(torch.finfo(Y.dtype).tiny)
     scaled = GU / lam.clamp_min(floor).unsqueeze(-2)
-    # rounding of the computed residuals (products of length n and k, columns of norm at most
-    # s_1 ||Y||_F), as in `rounding`
-    u = torch.finfo(Y.dtype).eps / 2
-    margin = ROUNDING_LAMBDA * u * (2 + math.sqrt(n) + math.sqrt(k)) * norm2.sqrt()
-    margin = margin * S[..., 0].double()
     col2 = col.double().square()
 
-    def spectral(rows: list[int], spectrum: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        lam_x, eta = spectrum
+    def spectral(rows: list[int], spectrum: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        lam_x, eta = spectrum[:2]
         Sr, nr = S[rows], norm2[rows]
         level = c[rows].double()
         shift = torch.zeros_like(level)
@@ -375,7 +383,7 @@ def subspace_part(
         jr = torch.minimum((Sr.double() > level.unsqueeze(-1)).sum(-1), need[rows])
         keep = torch.arange(k, device=Y.device) < jr.unsqueeze(-1)
         e21_j = torch.where(keep, col2[rows], 0).sum(-1).sqrt()
-        tail_j = spectral_bound(lam_x, eta, Sr, res[rows], jr, level, margin[rows])
+        tail_j = spectral_bound(spectrum, U[rows], Sr, jr, level)
         total = e21_j + tail_j + jr.double().sqrt() * shift + rounding(nr, Y.dtype, m, n)
         return torch.where(torch.isfinite(total), total, math.inf).to(Y.dtype), Sr
 
