@@ -250,6 +250,7 @@ def dense_tail_case(seed: int, name: str) -> tuple[int, int]:
     min_rank = r + 1 if rank_request else 0
     cut = torch.full((b,), math.inf if rank_request else 0.03, dtype=torch.float64)
     backend = make_backend(name)
+    backend.spectrum = True
     states: list[dict] = [{} for _ in range(b)]
     spectral = calls = 0
     for _ in range(randint(g, 3, 5)):

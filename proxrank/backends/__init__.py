@@ -57,22 +57,21 @@ condition ``||E_22||_2 <= c`` cannot be certified the bound is ``inf``. ``||E_22
 the returned triplets do not change): ``"subspace"`` certifies with the fewest that make
 ``s_drop`` small enough, which matters when the spectrum is dense at the cutoff.
 
-* the spectrum (``"subspace"``/``"auto"``, ``spectrum=True``), when the tail bound below fails
-  but the Ritz residual alone is within ``tol``: values dense at the cutoff, or a rank request
-  whose ``min_rank``-th value sits in the noise tail an optimizer step adds to a low-rank
-  weight, where no cheap bound on ``||(I - Q Q^T) Y||_2`` can separate it from its neighbours.
-  The eigenvalues ``lambda_i`` of ``G = Y Y^T`` (formed and solved in float64 without
-  eigenvectors, within ``eta = (n + 8 m) eps ||Y||_F^2``) replace the tail bound: with the
-  first ``j`` Ritz vectors ``U_1`` (re-orthonormalised in float64; their defect ``omega`` adds
-  ``3 omega ||Y||_F``) and ``rho >= ||G U_1 - U_1 S_1^2||_F`` (float64), if ``s_j^2 - rho >
-  lambda_{j+1} + rho``, Weyl's inequality puts the squared singular values of ``E_22`` below
-  ``lambda_{j+i} + rho``, so ``||svt(E_22, c)||_F`` is bounded from the spectrum and enters
-  the bound in place of the condition ``||E_22||_2 <= c``
-  (:func:`~proxrank.backends.kernels.spectral_bound`). A rank request takes the
-  ``min_rank``-th value from the spectrum too (the threshold of the rank prox; its error times
-  ``sqrt(j)`` is added). State ``"spectrum"``
-  says a result was certified so. Cost: one float64 ``m x m x n`` product and an eigenvalue
-  solve (no vectors), against the SVD it replaces;
+* the spectrum (``"subspace"``/``"auto"`` with ``spectrum=True``; off by default), when the
+  tail bound below fails but the Ritz residual alone is within ``tol``: values dense at the
+  cutoff, or a rank request whose ``min_rank``-th value sits in the noise tail an optimizer
+  step adds to a low-rank weight, where no cheap bound on ``||(I - Q Q^T) Y||_2`` separates
+  it from its neighbours. The eigenvalues ``lambda_i`` of ``G = Y Y^T`` (formed and solved in
+  float64 without eigenvectors, within ``eta = (n + 8 m) eps ||Y||_F^2``) replace the tail
+  bound: with the first ``j`` Ritz vectors ``U_1`` (re-orthonormalised in float64; their
+  defect ``omega`` adds ``3 omega ||Y||_F``) and ``rho >= ||G U_1 - U_1 S_1^2||_F``
+  (float64), if ``s_j^2 - rho > lambda_{j+1} + rho``, Weyl's inequality puts the squared
+  singular values of ``E_22`` below ``lambda_{j+i} + rho``, so ``||svt(E_22, c)||_F`` is
+  bounded from the spectrum and enters the bound in place of the condition ``||E_22||_2 <=
+  c`` (:func:`~proxrank.backends.kernels.spectral_bound`). A rank request takes the
+  ``min_rank``-th value from the spectrum too (the threshold of the rank prox; its error
+  times ``sqrt(j)`` is added). State ``"spectrum"`` says a result was certified so. Cost: one
+  float64 ``m x m x n`` product and an eigenvalue solve (no vectors);
 * ``"gram"`` bounds it deterministically from the eigen-residuals ``||G q_i - lambda_i q_i||``
   and the float64 rounding of ``G`` (``n eps ||Y||_F^2``);
 * ``"subspace"`` takes the smaller of the Frobenius norm ``(||Y||_F^2 - ||Q^T Y||_F^2)^{1/2}``
