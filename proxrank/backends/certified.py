@@ -198,7 +198,8 @@ class CertifiedBackend(Backend):
         ritz = dict.fromkeys(range(B), 1)  # Rayleigh-Ritz rounds so far
         spectra: dict[int, tuple[Tensor, ...]] = {}  # Gram eigenvalues, once computed
         failed: set[int] = set()
-        for r in range(1, 2 * self.iterations + 2):
+        tried = {i for i, p in enumerate(plan) if p == "gram"}  # had the Gram route
+        for r in range(1, 2 * self.iterations + 3):
             ok = []  # per matrix: 1 certified, 2 not but the spectrum may certify it, 0 not
             for p in pending:
                 good = (p.bound <= limit[p.idx]) | (p.method == "exact")
@@ -255,6 +256,13 @@ class CertifiedBackend(Backend):
                 pending.append(
                     subspace_part(sub, cs[idx], min_rank, idx, Q, YO, norm2[idx], self.power)
                 )
+            # out of rounds: the planner's fallback (the Gram route for oblong matrices) once,
+            # then the exact SVD
+            late = [i for i in redo if i not in tried and self.planner.fallback(m, n) == "gram"]
+            tried.update(late)
+            if late:
+                pending.append(gram_part(Ys[late], cs[late], norm2[late], min_rank, late))
+            redo = [i for i in redo if i not in late]
             if redo:
                 failed.update(redo)
                 pending.append(exact_part(Ys[redo], cs[redo], min_rank, redo))

@@ -28,6 +28,12 @@ class Planner(abc.ABC):
     def plan(self, state: dict[str, Any], m: int, n: int) -> str:
         """The method for one matrix this step."""
 
+    def fallback(self, m: int, n: int) -> str:
+        """The method for a matrix whose planned method and extra rounds did not certify
+        (``"exact"``, or ``"gram"`` where that is cheaper; a failed Gram result then goes to
+        ``"exact"``)."""
+        return "exact"
+
     @staticmethod
     def block(need: int, k_cur: int, m: int, hard: bool = False) -> int:
         """Basis width for the next step: ``need`` plus an oversampling margin
@@ -101,6 +107,12 @@ class AutoPlanner(Planner):
         check_positive(gram_aspect, "gram_aspect")
         self.refresh, self.max_ratio = refresh, float(max_ratio)
         self.min_size, self.gram_aspect = min_size, gram_aspect
+
+    def fallback(self, m: int, n: int) -> str:
+        """``"gram"`` for the oblong matrices the full-rank plan sends there (a float64 Gram
+        eigendecomposition resolves a dense tail at the cutoff: its certificate needs only
+        float64 eigen-residuals below the gaps), else ``"exact"``."""
+        return "gram" if m >= self.min_size and n >= self.gram_aspect * m else "exact"
 
     def plan(self, state: dict[str, Any], m: int, n: int) -> str:
         if m < self.min_size:
