@@ -702,6 +702,9 @@ def test_auto_planner_falls_back_to_gram_for_oblong_matrices_only():
     assert planner.plan(late, 384, 1536) == "gram"  # its subspace rounds failed last step
     assert planner.plan({**late, "rounds": 1}, 384, 1536) == "subspace"
     assert planner.plan(late, 384, 384) == "exact"
+    failed = {**late, "backend": "exact"}
+    assert planner.plan(failed, 384, 384) == "exact"
+    assert planner.plan({**failed, "rounds": 1}, 384, 384) == "subspace"
 
 
 def test_subspace_rounds_that_fail_take_the_gram_route_before_the_exact_svd():

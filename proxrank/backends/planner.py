@@ -87,10 +87,10 @@ class AutoPlanner(Planner):
     when the matrix is at least ``gram_aspect`` times as long as it is wide (the Gram matrix
     is then the cheap side) and ``"exact"`` otherwise; ``"subspace"`` in the remaining
     (low-rank) case, except on the step after one whose subspace rounds needed the Gram
-    route (:meth:`fallback`), which goes there directly. ``max_ratio = 0.7``: measured on 2
-    CPU threads, a batch of 384 x 1536 matrices costs less by subspace than by gram up to a
-    block of about 0.7 of the smaller side, a square 384 x 384 one less than by the SVD at any
-    block up to 0.8.
+    route or the exact SVD (:meth:`fallback`), which goes there directly.
+    ``max_ratio = 0.7``: measured on 2 CPU threads, a batch of 384 x 1536 matrices costs less
+    by subspace than by gram up to a block of about 0.7 of the smaller side, a square 384 x
+    384 one less than by the SVD at any block up to 0.8.
     ``gram_aspect = 2``: on the encoder workload of ``make bench`` (idle machine, 2 threads) the
     float32 SVD of its sixteen 384 x 384 matrices costs a little less than the float64 Gram
     route (full-rank prox 0.33-0.36 s against 0.35-0.38 s per step); under heavy contention
@@ -119,7 +119,7 @@ class AutoPlanner(Planner):
     def plan(self, state: dict[str, Any], m: int, n: int) -> str:
         if m < self.min_size:
             return "exact"
-        if state.get("backend") == "gram" and state.get("rounds", 1) > 1:
+        if state.get("backend") in ("gram", "exact") and state.get("rounds", 1) > 1:
             return self.fallback(m, n)  # the subspace rounds failed last step: skip them once
         if not refresh_due(state, self.refresh) and state["basis"].shape[-1] <= self.max_ratio * m:
             return "subspace"
