@@ -39,7 +39,10 @@ Backends (``backend=`` of :class:`proxrank.ProxRank`):
     squarish ones (where the SVD is as cheap as the eigendecomposition); ``"subspace"`` once its
     block is at most ``max_ratio`` of the smaller side; ``"exact"`` for small matrices. A
     Gram result that cannot be certified (values clustered at the cutoff) gets a
-    Rayleigh-Ritz round from its eigenvectors before the exact SVD; one batch may mix plans.
+    Rayleigh-Ritz round from its eigenvectors before the exact SVD; a subspace result still
+    uncertified after its rounds gets the Gram route (oblong matrices) before the exact SVD,
+    and the step after such a fallback goes to that route directly (``Planner.fallback``);
+    one batch may mix plans.
 
 Certificate (all fast backends). Let ``Q`` be the orthonormal basis of the computed left
 vectors (``k`` columns), ``(U_1, S_1, V_1)`` the returned triplets with ``s > c`` (Ritz
