@@ -16,9 +16,11 @@
    products of all 24 matrices.
 
 ``--device cuda`` runs everything on the GPU (device synchronised around every timing) and adds
-the ``polar`` backend to the encoder run. Timings are medians of repeats. Prints tables and
-writes JSON to ``bench-results/``. Run: ``python benchmarks/prox_cost.py`` (``--quick`` for a
-small smoke run).
+the ``polar`` backend to the encoder run. ``--clock cpu`` times by the process's CPU time instead
+of the wall clock (with ``OMP_WAIT_POLICY=PASSIVE``, so that idle threads do not spin): on a
+machine shared with other jobs the wall clock is meaningless. Timings are medians of repeats.
+Prints tables and writes JSON to ``bench-results/``. Run: ``python benchmarks/prox_cost.py``
+(``--quick`` for a small smoke run).
 """
 
 from __future__ import annotations
