@@ -7,7 +7,9 @@ steps with warm state and small drifts. Per call: the soft-threshold prox built 
 result is within the reported bound plus a float32 rounding allowance of the float64 prox,
 and the bound is within ``tol ||Y||_F`` (or the matrix fell back to the exact SVD); rank
 requests return the largest values; nothing NaN or infinite is returned or stored; stored
-tensors are never mutated in place.
+tensors are never mutated in place. Dense tails (:func:`dense_tail_case`): low-rank plus a
+noise tail with the cutoff or the rank request inside it, through the certificate from the
+spectrum (``spectrum=True``), the rank prox itself checked against its float64 reference.
 """
 
 from __future__ import annotations
