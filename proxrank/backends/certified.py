@@ -4,6 +4,7 @@ exact fallback, warm-start bases, random generators)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -199,7 +200,7 @@ class CertifiedBackend(Backend):
         spectra: dict[int, tuple[Tensor, ...]] = {}  # Gram eigenvalues, once computed
         failed: set[int] = set()
         tried = {i for i, p in enumerate(plan) if p == "gram"}  # had the Gram route
-        for r in range(1, 2 * self.iterations + 3):
+        for r in itertools.count(1):  # each matrix ends with the exact SVD at the latest
             ok = []  # per matrix: 1 certified, 2 not but the spectrum may certify it, 0 not
             for p in pending:
                 good = (p.bound <= limit[p.idx]) | (p.method == "exact")
