@@ -7,7 +7,9 @@ steps with warm state and small drifts. Per call: the soft-threshold prox built 
 result is within the reported bound plus a float32 rounding allowance of the float64 prox,
 and the bound is within ``tol ||Y||_F`` (or the matrix fell back to the exact SVD); rank
 requests return the largest values; nothing NaN or infinite is returned or stored; stored
-tensors are never mutated in place.
+tensors are never mutated in place. Dense tails (:func:`dense_tail_case`): low-rank plus a
+noise tail with the cutoff or the rank request inside it, through the certificate from the
+spectrum (``spectrum=True``), the rank prox itself checked against its float64 reference.
 """
 
 from __future__ import annotations
@@ -223,3 +225,70 @@ def test_stress_many_polar_batches():
 def test_stress_many_large_batches(name):
     for seed in range(8):
         run_case(2000 + seed, name, big=True)
+
+
+def dense_tail_case(seed: int, name: str) -> tuple[int, int]:
+    """A low-rank matrix plus a dense noise tail (what one optimizer step adds to a rank-``r``
+    weight), warm steps with drifts, a rank request or a cutoff inside the tail: the tail
+    bound cannot certify, the spectrum can. Checks as :func:`check_call`, and for rank
+    requests the rank prox (soft threshold at the ``min_rank``-th value) within the bound
+    when the spectrum certified it. Returns (calls certified by the spectrum, calls)."""
+    g = torch.Generator().manual_seed(seed)
+    m = randint(g, 40, 90)
+    n = m * (1 + randint(g, 0, 2))
+    m, n = (m, n) if uniform(g) < 0.7 else (n, m)
+    k = min(m, n)
+    b = randint(g, 1, 3)
+    r = randint(g, 1, k // 3)
+    dtype = torch.float32 if uniform(g) < 0.8 else torch.float64
+    mats = []
+    for _ in range(b):
+        top = 1 + 3 * torch.rand(r, generator=g, dtype=torch.float64)
+        tail = 0.05 * torch.rand(k - r, generator=g, dtype=torch.float64)
+        s = torch.cat([top, tail]).sort(descending=True).values
+        mats.append(matrix(m, n, s, g))
+    Y0 = torch.stack(mats)
+    rank_request = uniform(g) < 0.6
+    min_rank = r + 1 if rank_request else 0
+    cut = torch.full((b,), math.inf if rank_request else 0.03, dtype=torch.float64)
+    backend = make_backend(name)
+    backend.spectrum = True
+    states: list[dict] = [{} for _ in range(b)]
+    spectral = calls = 0
+    for _ in range(randint(g, 3, 5)):
+        drift = 1e-3 * torch.randn(Y0.shape, generator=g, dtype=torch.float64)
+        Y = (Y0 + drift * torch.linalg.matrix_norm(Y0)[:, None, None] / math.sqrt(m * n)).to(dtype)
+        res = backend.svd(Y, cut.to(dtype), states, min_rank=min_rank)
+        check_call(backend, Y, cut.to(dtype), [dict(st) for st in states], min_rank)
+        for i, st in enumerate(states):
+            calls += 1
+            if not st.get("spectrum"):
+                continue
+            spectral += 1
+            if rank_request:  # the rank prox itself, not only the values
+                U, S, Vh = torch.linalg.svd(Y[i].double(), full_matrices=False)
+                ref = reconstruct(U, (S - S[r]).clamp_min(0), Vh)
+                got = res.S[i].double()
+                X = reconstruct(res.U[i].double(), (got - got[r]).clamp_min(0), res.Vh[i].double())
+                allow = 30 * torch.finfo(dtype).eps * math.sqrt(max(m, n)) * S.norm()
+                assert (X - ref).norm() <= res.error_bound[i].double() + allow
+    return spectral, calls
+
+
+@pytest.mark.parametrize("name", ["subspace", "auto-small"])
+def test_stress_dense_tail(name):
+    spectral = calls = 0
+    for seed in range(6):
+        got = dense_tail_case(4000 + seed, name)
+        spectral, calls = spectral + got[0], calls + got[1]
+    assert spectral > 0, "the spectrum certified nothing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["subspace", "auto-small"])
+def test_stress_many_dense_tails(name):
+    spectral = calls = 0
+    for seed in range(200):
+        got = dense_tail_case(5000 + seed, name)
+        spectral, calls = spectral + got[0], calls + got[1]
+    assert spectral > calls // 10, f"the spectrum certified {spectral} of {calls} calls"

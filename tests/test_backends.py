@@ -20,7 +20,8 @@ from proxrank.backends import (
     get_backend,
     polar_svt,
 )
-from proxrank.functional import prox_step, svt
+from proxrank.functional import prox_step, rank_prox_step, svt
+from proxrank.prox import SoftThreshold
 
 FAST = ("gram", "subspace", "auto", "polar")
 
@@ -688,3 +689,41 @@ def test_polar_rejects_bad_floor(floor):
 def test_polar_rejects_bad_tol():
     with pytest.raises(ValueError, match="tol"):
         get_backend("polar", tol=-1.0)
+
+
+def test_auto_planner_falls_back_to_gram_for_oblong_matrices_only():
+    from proxrank.backends import AutoPlanner
+
+    planner = AutoPlanner()
+    assert planner.fallback(384, 1536) == "gram" and planner.fallback(384, 384) == "exact"
+    assert planner.fallback(100, 1000) == "exact"  # below min_size: the SVD
+    basis = torch.zeros(384, 40)
+    late = {"backend": "gram", "rounds": 3, "basis": basis, "since_refresh": 0}
+    assert planner.plan(late, 384, 1536) == "gram"  # its subspace rounds failed last step
+    assert planner.plan({**late, "rounds": 1}, 384, 1536) == "subspace"
+    assert planner.plan(late, 384, 384) == "exact"
+    failed = {**late, "backend": "exact"}
+    assert planner.plan(failed, 384, 384) == "exact"
+    assert planner.plan({**failed, "rounds": 1}, 384, 384) == "subspace"
+
+
+def test_subspace_rounds_that_fail_take_the_gram_route_before_the_exact_svd():
+    # a rank request whose (r+1)-th value sits in a dense tail: the tail bound cannot
+    # certify it, the float64 Gram eigendecomposition can
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 170, 400, 20
+    U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q
+    top = 2 + torch.rand(r, generator=g, dtype=torch.float64)
+    s = torch.cat([top, 0.05 * torch.rand(m - r, generator=g, dtype=torch.float64)])
+    Y = ((U * s.sort(descending=True).values) @ V.T).float()
+    backend = AutoBackend()
+    state: dict = {}
+    seen = set()
+    for _ in range(4):
+        Yt = Y + 1e-4 * torch.randn(Y.shape, generator=g)
+        res = rank_prox_step(Yt, r, SoftThreshold(), backend, state)
+        seen.add((state["backend"], state["rounds"] > 1))
+        S = torch.linalg.svdvals(Yt.double())
+        assert (res.svd.S[: r + 1].double() - S[: r + 1]).abs().max() <= res.svd.error_bound + 1e-5
+    assert ("gram", True) in seen

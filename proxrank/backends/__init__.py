@@ -39,7 +39,10 @@ Backends (``backend=`` of :class:`proxrank.ProxRank`):
     squarish ones (where the SVD is as cheap as the eigendecomposition); ``"subspace"`` once its
     block is at most ``max_ratio`` of the smaller side; ``"exact"`` for small matrices. A
     Gram result that cannot be certified (values clustered at the cutoff) gets a
-    Rayleigh-Ritz round from its eigenvectors before the exact SVD; one batch may mix plans.
+    Rayleigh-Ritz round from its eigenvectors before the exact SVD; a subspace result still
+    uncertified after its rounds gets the Gram route (oblong matrices) before the exact SVD,
+    and the step after such a fallback goes to that route directly (``Planner.fallback``);
+    one batch may mix plans.
 
 Certificate (all fast backends). Let ``Q`` be the orthonormal basis of the computed left
 vectors (``k`` columns), ``(U_1, S_1, V_1)`` the returned triplets with ``s > c`` (Ritz
@@ -57,6 +60,21 @@ condition ``||E_22||_2 <= c`` cannot be certified the bound is ``inf``. ``||E_22
 the returned triplets do not change): ``"subspace"`` certifies with the fewest that make
 ``s_drop`` small enough, which matters when the spectrum is dense at the cutoff.
 
+* the spectrum (``"subspace"``/``"auto"`` with ``spectrum=True``; off by default), when the
+  tail bound below fails but the Ritz residual alone is within ``tol``: values dense at the
+  cutoff, or a rank request whose ``min_rank``-th value sits in the noise tail an optimizer
+  step adds to a low-rank weight, where no cheap bound on ``||(I - Q Q^T) Y||_2`` separates
+  it from its neighbours. The eigenvalues ``lambda_i`` of ``G = Y Y^T`` (formed and solved in
+  float64 without eigenvectors, within ``eta = (n + 8 m) eps ||Y||_F^2``) replace the tail
+  bound: with the first ``j`` Ritz vectors ``U_1`` (re-orthonormalised in float64; their
+  defect ``omega`` adds ``3 omega ||Y||_F``) and ``rho >= ||G U_1 - U_1 S_1^2||_F``
+  (float64), if ``s_j^2 - rho > lambda_{j+1} + rho``, Weyl's inequality puts the squared
+  singular values of ``E_22`` below ``lambda_{j+i} + rho``, so ``||svt(E_22, c)||_F`` is
+  bounded from the spectrum and enters the bound in place of the condition ``||E_22||_2 <=
+  c`` (:func:`~proxrank.backends.kernels.spectral_bound`). A rank request takes the
+  ``min_rank``-th value from the spectrum too (the threshold of the rank prox; its error
+  times ``sqrt(j)`` is added). State ``"spectrum"`` says a result was certified so. Cost: one
+  float64 ``m x m x n`` product and an eigenvalue solve (no vectors);
 * ``"gram"`` bounds it deterministically from the eigen-residuals ``||G q_i - lambda_i q_i||``
   and the float64 rounding of ``G`` (``n eps ||Y||_F^2``);
 * ``"subspace"`` takes the smaller of the Frobenius norm ``(||Y||_F^2 - ||Q^T Y||_F^2)^{1/2}``
@@ -88,7 +106,8 @@ A call decides, for a whole batch, with one host synchronisation per round (a se
 when some matrix needs another round or the exact fallback): no per-matrix ``.item()``.
 Per matrix, ``state`` records ``"backend"`` (the method used), ``"error_bound"`` (a 0-dim
 tensor), ``"triplets"`` (number of returned triplets), ``"fallback"``, ``"rounds"``,
-``"since_refresh"``, and for ``"subspace"``/``"auto"`` the basis ``"basis"`` and ``"shape"``.
+``"spectrum"``, ``"since_refresh"``, and for ``"subspace"``/``"auto"`` the basis ``"basis"``
+and ``"shape"``.
 Nothing stored is ever NaN or infinite; the states are only assigned, never mutated in place
 (see :class:`Backend`). LAPACK failures are retried in float64, then raised as
 :class:`BackendError` with the batch position of the matrix.

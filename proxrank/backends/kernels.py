@@ -27,8 +27,10 @@ __all__ = [
     "Part",
     "exact_part",
     "frobenius2",
+    "gram_eigenvalues",
     "gram_part",
     "lapack",
+    "spectral_bound",
     "subspace_part",
 ]
 
@@ -55,12 +57,15 @@ class Part:
     bound: Tensor  # (b,)
     need: Tensor  # (b,) number of triplets to return
     next_src: Tensor  # (b, m, k): columns whose span is the next basis
+    spectral: Spectral | None = None  # the certificate from the exact spectrum (subspace)
+    floor: Tensor | None = None  # (b,) the part of `bound` that `spectral` cannot lower
+    from_spectrum: bool = False  # certified by `spectral`
 
     def select(self, keep: list[int]) -> Part:
         """The part restricted to its matrices at positions ``keep``."""
         if len(keep) == len(self.idx):
             return self
-        vh = self.vh
+        vh, spec = self.vh, self.spectral
         return Part(
             [self.idx[j] for j in keep],
             self.method,
@@ -70,7 +75,28 @@ class Part:
             self.bound[keep],
             self.need[keep],
             self.next_src[keep],
+            None if spec is None else lambda rows, lam: spec([keep[r] for r in rows], lam),
+            None if self.floor is None else self.floor[keep],
+            self.from_spectrum,
         )
+
+    def with_spectrum(self, rows: list[int], spectrum: tuple[Tensor, Tensor, Tensor]) -> Part:
+        """The part's matrices at positions ``rows`` recertified from the eigenvalues of their
+        Gram matrices (:func:`gram_eigenvalues`) instead of a tail bound; the same
+        triplets."""
+        assert self.spectral is not None
+        sub = self.select(rows)
+        bound, S = self.spectral(rows, spectrum)
+        return Part(
+            sub.idx, sub.method, sub.U, S, sub.vh, bound, sub.need, sub.next_src, from_spectrum=True
+        )
+
+
+Spectral = Callable[[list[int], tuple[Tensor, Tensor, Tensor]], tuple[Tensor, Tensor]]
+"""``(rows, (lam, eta, G)) -> (bound, S)``: a subspace part's certificate for its matrices at
+``rows`` given their Gram matrices ``G`` (float64), its eigenvalues ``lam`` (descending) and
+their error ``eta`` (:func:`gram_eigenvalues`); ``S`` the Ritz values with the
+``min_rank``-th replaced by its exact value."""
 
 
 def lapack(fn: Callable[[Tensor], tuple[Tensor, ...]], A: Tensor, idx: Sequence[int]):
@@ -184,6 +210,71 @@ def gram_part(Y: Tensor, c: Tensor, norm2: Tensor, min_rank: int, idx: list[int]
     return Part(idx, "gram", U, Sy, lambda K: right_vectors(U, Y, Sy, K), bound, need, U)
 
 
+def gram_eigenvalues(Y: Tensor, norm2: Tensor, idx: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``G = fl(Y Y^T)`` in float64 (``m <= n``), its eigenvalues ``lam`` (descending) and
+    ``eta`` (``(b,)``) with ``|lam_i - lambda_i(Y Y^T)| <= eta``: the rounding of ``G`` (``n
+    eps ||Y||_F^2``, deterministic) plus the backward error of the symmetric eigenvalue solver
+    (``8 m eps ||G||_2``, a generous constant for LAPACK's ``syevd``). No eigenvectors: a
+    fraction of the cost of an eigendecomposition. Returns ``(lam, eta, G)``."""
+    m, n = Y.shape[-2:]
+    Yd = Y.double()
+    G = Yd @ Yd.mT
+    lam = lapack(lambda A: (torch.linalg.eigvalsh(A),), G, idx)[0].flip(-1)
+    eps = torch.finfo(torch.float64).eps
+    return lam, (n + 8 * m) * eps / (1 - (n + 8 * m) * eps) * norm2, G
+
+
+def spectral_bound(
+    spectrum: tuple[Tensor, Tensor, Tensor], U: Tensor, S: Tensor, j: Tensor, level: Tensor
+) -> Tensor:
+    """An upper bound on ``||svt(E_22, level)||_F`` plus the distance of the returned
+    triplets from exactly orthonormal ones (module docstring of :mod:`proxrank.backends`),
+    from the spectrum ``(lam, eta, G)`` of :func:`gram_eigenvalues` instead of a tail bound;
+    ``U`` (``(b, m, k)``) the Ritz vectors, ``S`` their values, ``j`` how many are kept.
+
+    ``U_1`` (the first ``j`` columns, orthonormality defect ``omega = ||U_1^T U_1 - I||_F``) is
+    within ``omega`` of an orthonormal ``V_1`` (its polar factor); the returned prox moves by at
+    most ``3 omega ||Y||_F`` when ``U_1`` is replaced by ``V_1``. ``V_1`` is approximated by
+    one Newton-Schulz step in float64 (defect ``omega' <= 0.75 omega^2 + 0.25 omega^3`` plus
+    rounding) and ``R = G V_1 - V_1 diag(S_1^2)`` is computed in float64: ``||R||_F <= rho``.
+    In the basis ``[V_1, V_1^perp]``, ``G`` differs from ``blockdiag(V_1^T G V_1, G_22)`` by
+    at most ``rho`` and ``V_1^T G V_1`` has its eigenvalues above ``s_j^2 - rho``; so if
+    ``s_j^2 - rho > lambda_{j+1} + rho``, Weyl's inequality puts the eigenvalues of ``G_22``
+    (the squared singular values of ``E_22``) below ``mu_i = lambda_{j+i} + rho``, and
+    ``||svt(E_22, level)||_F^2 <= sum_i max(sqrt(mu_i) - level, 0)^2``; else the bound is
+    ``inf``."""
+    lam, eta, G = spectrum
+    m, k = U.shape[-2:]
+    eps = torch.finfo(torch.float64).eps
+    kept = (torch.arange(k, device=U.device) < j.unsqueeze(-1)).unsqueeze(-2)
+    U1 = torch.where(kept, U.double(), 0)
+    eye = torch.eye(k, dtype=torch.float64, device=U.device)
+    inner = U1.mT @ U1
+    diag_kept = kept.squeeze(-2).double()
+    E = inner - eye * diag_kept.unsqueeze(-1)
+    omega = torch.linalg.matrix_norm(E) + (m + 2) * eps * (1 + inner.diagonal(0, -2, -1).amax(-1))
+    V1 = U1 - 0.5 * (U1 @ E)
+    w2 = 0.75 * omega.square() + 0.25 * omega.pow(3) + 4 * (m + k) * eps * (1 + omega).square()
+    hi = lam + eta.unsqueeze(-1)
+    top = hi[..., 0].clamp_min(0)
+    s2 = S.double().square() * diag_kept
+    R = G @ V1 - V1 * s2.unsqueeze(-2)
+    rho = (
+        torch.linalg.matrix_norm(R)
+        + 2 * top * w2
+        + (m + 2) * eps * top * (1 + w2) * j.double().sqrt()
+    )
+    sj2 = gather_or_zero(s2, (j - 1).clamp_min(0))
+    nxt = gather_or_zero(hi, j.clamp_max(m - 1))
+    separated = (j == 0) | (sj2 - rho > nxt + rho)
+    mu = hi + torch.where(j > 0, rho, 0).unsqueeze(-1)
+    rest = torch.arange(m, device=U.device) >= j.unsqueeze(-1)
+    over = (mu.clamp_min(0).sqrt() - level.unsqueeze(-1)).clamp_min(0)
+    tail = torch.where(rest, over.square(), 0).sum(-1).sqrt()
+    ortho = 3 * omega * G.diagonal(0, -2, -1).sum(-1).clamp_min(0).sqrt()
+    return torch.where(separated & (omega < 0.5), tail + ortho, math.inf)
+
+
 def _probe_scale(X: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor]:
     """``X`` rescaled to unit largest column norm, the scale added to ``log_scale``."""
     top = torch.linalg.vector_norm(X, dim=-2).amax(-1).clamp_min(torch.finfo(X.dtype).tiny)
@@ -272,4 +363,31 @@ def subspace_part(
     bound = torch.where(certified, total, math.inf).to(Y.dtype)
     floor = (lam[..., :1] * torch.finfo(Y.dtype).eps).clamp_min(torch.finfo(Y.dtype).tiny)
     scaled = GU / lam.clamp_min(floor).unsqueeze(-2)
-    return Part(idx, "subspace", U, S, lambda K: right_vectors(W, Z, S, K), bound, need, scaled)
+    col2 = col.double().square()
+
+    def spectral(rows: list[int], spectrum: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        lam_x, eta = spectrum[:2]
+        Sr, nr = S[rows], norm2[rows]
+        level = c[rows].double()
+        shift = torch.zeros_like(level)
+        if min_rank:  # the min_rank-th value from the spectrum, not a Ritz value
+            if min_rank > k or min_rank > m:
+                return torch.full_like(level, math.inf).to(Y.dtype), Sr
+            t = lam_x[..., min_rank - 1]
+            hi = (t + eta).sqrt()
+            exact = t.clamp_min(0).sqrt()
+            level = torch.minimum(level, exact)
+            shift = hi - (t - eta).clamp_min(0).sqrt()  # >= |exact - s_min_rank|
+            Sr = Sr.clone()
+            Sr[..., min_rank - 1] = torch.where(exact < c[rows], exact, Sr[..., min_rank - 1])
+        jr = torch.minimum((Sr.double() > level.unsqueeze(-1)).sum(-1), need[rows])
+        keep = torch.arange(k, device=Y.device) < jr.unsqueeze(-1)
+        e21_j = torch.where(keep, col2[rows], 0).sum(-1).sqrt()
+        tail_j = spectral_bound(spectrum, U[rows], Sr, jr, level)
+        total = e21_j + tail_j + jr.double().sqrt() * shift + rounding(nr, Y.dtype, m, n)
+        return torch.where(torch.isfinite(total), total, math.inf).to(Y.dtype), Sr
+
+    own = torch.arange(k, device=Y.device) < (need - (1 if min_rank else 0)).unsqueeze(-1)
+    floor = torch.where(own, col2, 0).sum(-1).sqrt() + rounding(norm2, Y.dtype, m, n)
+    vh = lambda K: right_vectors(W, Z, S, K)  # noqa: E731
+    return Part(idx, "subspace", U, S, vh, bound, need, scaled, spectral, floor.to(Y.dtype))

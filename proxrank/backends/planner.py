@@ -28,6 +28,12 @@ class Planner(abc.ABC):
     def plan(self, state: dict[str, Any], m: int, n: int) -> str:
         """The method for one matrix this step."""
 
+    def fallback(self, m: int, n: int) -> str:
+        """The method for a matrix whose planned method and extra rounds did not certify
+        (``"exact"``, or ``"gram"`` where that is cheaper; a failed Gram result then goes to
+        ``"exact"``)."""
+        return "exact"
+
     @staticmethod
     def block(need: int, k_cur: int, m: int, hard: bool = False) -> int:
         """Basis width for the next step: ``need`` plus an oversampling margin
@@ -80,9 +86,11 @@ class AutoPlanner(Planner):
     ``max_ratio`` of its smaller side, at refresh time and for the first step, ``"gram"``
     when the matrix is at least ``gram_aspect`` times as long as it is wide (the Gram matrix
     is then the cheap side) and ``"exact"`` otherwise; ``"subspace"`` in the remaining
-    (low-rank) case. ``max_ratio = 0.7``: measured on 2 CPU threads, a batch of 384 x 1536
-    matrices costs less by subspace than by gram up to a block of about 0.7 of the smaller
-    side, a square 384 x 384 one less than by the SVD at any block up to 0.8.
+    (low-rank) case, except on the step after one whose subspace rounds needed the Gram
+    route or the exact SVD (:meth:`fallback`), which goes there directly.
+    ``max_ratio = 0.7``: measured on 2 CPU threads, a batch of 384 x 1536 matrices costs less
+    by subspace than by gram up to a block of about 0.7 of the smaller side, a square 384 x
+    384 one less than by the SVD at any block up to 0.8.
     ``gram_aspect = 2``: on the encoder workload of ``make bench`` (idle machine, 2 threads) the
     float32 SVD of its sixteen 384 x 384 matrices costs a little less than the float64 Gram
     route (full-rank prox 0.33-0.36 s against 0.35-0.38 s per step); under heavy contention
@@ -102,9 +110,17 @@ class AutoPlanner(Planner):
         self.refresh, self.max_ratio = refresh, float(max_ratio)
         self.min_size, self.gram_aspect = min_size, gram_aspect
 
+    def fallback(self, m: int, n: int) -> str:
+        """``"gram"`` for the oblong matrices the full-rank plan sends there (a float64 Gram
+        eigendecomposition resolves a dense tail at the cutoff: its certificate needs only
+        float64 eigen-residuals below the gaps), else ``"exact"``."""
+        return "gram" if m >= self.min_size and n >= self.gram_aspect * m else "exact"
+
     def plan(self, state: dict[str, Any], m: int, n: int) -> str:
         if m < self.min_size:
             return "exact"
+        if state.get("backend") in ("gram", "exact") and state.get("rounds", 1) > 1:
+            return self.fallback(m, n)  # the subspace rounds failed last step: skip them once
         if not refresh_due(state, self.refresh) and state["basis"].shape[-1] <= self.max_ratio * m:
             return "subspace"
         return "gram" if n >= self.gram_aspect * m else "exact"
