@@ -228,3 +228,17 @@ def test_cumulative_errors_change_nothing():
             torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.5, tau_lr="cumulative",
             schedule=proxrank.Schedule(every=3),
         )  # fmt: skip
+
+
+def test_cumulative_with_a_rank_schedule_projects_the_latent():
+    model = _mlp()
+    sch = proxrank.Schedule(budget=0.6, allocation="uniform", threshold="hard", ramp_end=3)
+    opt = _cumulative(model, schedule=sch)
+    _train(model, opt, 6, seed=3)
+    for entry in opt.state_dict()["proxrank"]["matrices"]:
+        Z = entry["dual"]["latent"]
+        W = dict(model.named_parameters())[entry["name"]].detach()
+        r = entry["schedule"]["final_rank"]
+        U, S, Vh = torch.linalg.svd(Z.double(), full_matrices=False)
+        torch.testing.assert_close(W.double(), (U[:, :r] * S[:r]) @ Vh[:r], atol=1e-5, rtol=0)
+        assert int(torch.linalg.matrix_rank(Z)) > r  # what the projection cut is kept in Z
