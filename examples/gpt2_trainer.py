@@ -5,10 +5,11 @@ every Debian system ships (``/usr/share/common-licenses``). ProxRank selects GPT
 and MLP weights (transformers' ``Conv1D``; the stacked ``c_attn`` per q/k/v block) by default;
 the ``lm_head``, tied to the token embedding, is left out with a warning.
 
-With ``--budget 0.3`` it runs the README's recommended recipe instead of a constant ``lam``:
-the ranks that keep 30% of each matrix's parameters, reached by a cubic hard-threshold ramp over
-the first 15% of the steps and held to the end, with ``tau_lr="cumulative"`` (the base
-optimizer updates a latent copy of each matrix; the weights are its projections).
+With ``--budget 0.3`` it runs the README's best measured recipe for a chosen size ("Reaching a
+size you choose") instead of a constant ``lam``: the ranks that keep 30% of each matrix's
+parameters, reached by a cubic hard-threshold ramp over the first 15% of the steps and held to
+the end, with ``tau_lr="cumulative"`` (the base optimizer updates a latent copy of each matrix;
+the weights are its projections).
 
 Run: .venv/bin/python examples/gpt2_trainer.py [--steps 300] [--budget 0.3] [--quick]
 """
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lam", type=float, default=1.0)
-    ap.add_argument("--budget", type=float, default=None, help="the recommended recipe's budget")
+    ap.add_argument("--budget", type=float, default=None, help="budget of the size recipe")
     ap.add_argument("--quick", action="store_true", help="a tiny model and a few steps")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     base = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if args.budget is None:
         opt = proxrank.ProxRank(base, model, lam=args.lam)
-    else:  # the recommended recipe: say where to end up, ramp there early, keep a latent copy
+    else:  # the size recipe: say where to end up, ramp there early, keep a latent copy
         schedule = proxrank.Schedule(
             budget=args.budget, allocation="uniform", threshold="hard",
             ramp_end=round(0.15 * steps),

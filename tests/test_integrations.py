@@ -130,8 +130,8 @@ def test_gpt2_trainer_example_runs(capsys):
 
 
 @pytest.mark.slow
-def test_gpt2_trainer_example_runs_the_recommended_recipe(capsys):
-    """``--budget``: the README's recipe through the HF Trainer; the weights end exactly at the
+def test_gpt2_trainer_example_runs_the_size_recipe(capsys):
+    """``--budget``: the README's size recipe through the HF Trainer; the weights end exactly at the
     budget's ranks, so factorizing them changes the held-out loss by rounding only."""
     import importlib.util
     from pathlib import Path
