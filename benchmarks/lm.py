@@ -26,7 +26,8 @@ more steps from that checkpoint (equal total steps ``pretrain + steps``), at eac
   the same ranks as the truncations, reached by a cubic ramp and then held (projection) to the
   end, then :func:`proxrank.factorize`; ``+ latent`` with ``tau_lr="cumulative"``: the base
   optimizer updates a latent copy of each matrix and the weights are its projections (dual
-  averaging).
+  averaging). Their peak rate is ``--ramp_lr`` (3e-4; the others' 1e-3): AdamW on full matrices
+  followed by a projection moves the weights more per step than AdamW on the factors.
 
 Per method and budget: the median validation loss over seeds with its spread (min-max), the
 weight-matrix parameters kept (% of dense), wall time, and the share of the wall time spent in
@@ -57,11 +58,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: 15 minutes on 2 CPU cores) and the --quick smoke run (the test suite's).
 FULL = dict(
     layers=4, d=256, heads=4, seq=64, batch=16, pretrain=300, steps=60, heal=20,
-    seeds=2, eval_windows=128, lam=4.0, ramp=0.15,
+    seeds=2, eval_windows=128, lam=4.0, ramp=0.15, ramp_lr=3e-4,
 )  # fmt: skip
 QUICK = dict(
     layers=1, d=32, heads=2, seq=32, batch=8, pretrain=6, steps=6, heal=2,
-    seeds=1, eval_windows=8, lam=4.0, ramp=0.15,
+    seeds=1, eval_windows=8, lam=4.0, ramp=0.15, ramp_lr=3e-4,
 )  # fmt: skip
 BUDGETS = (0.3, 0.12)
 LR = 1e-3
@@ -246,9 +247,8 @@ def method_run(name: str, dense: nn.Module, cfg: dict, budget: float, data: Data
             ramp_end=round(cfg["ramp"] * steps),
         )  # fmt: skip
         tau_lr = "cumulative" if name.endswith("+ latent") else "current"
-        opt = proxrank.ProxRank(
-            torch.optim.AdamW(model.parameters(), lr=LR), model, schedule=sched, tau_lr=tau_lr
-        )
+        base = torch.optim.AdamW(model.parameters(), lr=cfg["ramp_lr"])
+        opt = proxrank.ProxRank(base, model, schedule=sched, tau_lr=tau_lr)
         timing = train(model, opt, steps, batches)
         opt.close()
         kept = matrix_params(model)[1]
