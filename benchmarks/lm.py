@@ -21,7 +21,7 @@ more steps from that checkpoint (equal total steps ``pretrain + steps``), at eac
 * ``schedule-soft`` / ``schedule-hard``: ``Schedule(budget=budget, ramp_end=steps/2,
   threshold="soft"|"hard")``: the ranks shrink to the budget (allocated across layers) by mid-run
   and are frozen for the second half (healing), then :func:`proxrank.factorize`;
-* ``ramp-hard`` / ``ramp-hard + latent`` (the README's recommended recipe):
+* ``ramp-hard`` / ``ramp-hard + latent`` (the README's size recipe):
   ``Schedule(budget=budget, allocation="uniform", threshold="hard", ramp_end=ramp * steps)``,
   the same ranks as the truncations, reached by a cubic ramp and then held (projection) to the
   end, then :func:`proxrank.factorize`; ``+ latent`` with ``tau_lr="cumulative"``: the base
