@@ -26,7 +26,7 @@ more steps from that checkpoint (equal total steps ``pretrain + steps``), at eac
   the same ranks as the truncations, reached by a cubic ramp and then held (projection) to the
   end, then :func:`proxrank.factorize`; ``+ latent`` with ``tau_lr="cumulative"``: the base
   optimizer updates a latent copy of each matrix and the weights are its projections (dual
-  averaging). Their peak rate is ``--ramp_lr`` (3e-4; the others' 1e-3): AdamW on full matrices
+  averaging). Their peak rate is ``--ramp_lr`` (5e-4; the others' 1e-3): AdamW on full matrices
   followed by a projection moves the weights more per step than AdamW on the factors.
 
 Per method and budget: the median validation loss over seeds with its spread (min-max), the
@@ -58,11 +58,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: 15 minutes on 2 CPU cores) and the --quick smoke run (the test suite's).
 FULL = dict(
     layers=4, d=256, heads=4, seq=64, batch=16, pretrain=300, steps=60, heal=20,
-    seeds=2, eval_windows=128, lam=4.0, ramp=0.15, ramp_lr=3e-4,
+    seeds=2, eval_windows=128, lam=4.0, ramp=0.15, ramp_lr=5e-4,
 )  # fmt: skip
 QUICK = dict(
     layers=1, d=32, heads=2, seq=32, batch=8, pretrain=6, steps=6, heal=2,
-    seeds=1, eval_windows=8, lam=4.0, ramp=0.15, ramp_lr=3e-4,
+    seeds=1, eval_windows=8, lam=4.0, ramp=0.15, ramp_lr=5e-4,
 )  # fmt: skip
 BUDGETS = (0.3, 0.12)
 LR = 1e-3
