@@ -5,8 +5,8 @@ every Debian system ships (``/usr/share/common-licenses``). ProxRank selects GPT
 and MLP weights (transformers' ``Conv1D``; the stacked ``c_attn`` per q/k/v block) by default;
 the ``lm_head``, tied to the token embedding, is left out with a warning.
 
-With ``--budget 0.3`` it runs the README's best measured recipe for a chosen size ("Reaching a
-size you choose") instead of a constant ``lam``: the ranks that keep 30% of each matrix's
+With ``--budget 0.3`` it runs the README's recommended recipe for a chosen size instead of a
+constant ``lam``: the ranks that keep 30% of each matrix's
 parameters, reached by a cubic hard-threshold ramp over the first 15% of the steps and held to
 the end, with ``tau_lr="cumulative"`` (the base optimizer updates a latent copy of each matrix;
 the weights are its projections).
