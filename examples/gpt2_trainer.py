@@ -6,10 +6,10 @@ and MLP weights (transformers' ``Conv1D``; the stacked ``c_attn`` per q/k/v bloc
 the ``lm_head``, tied to the token embedding, is left out with a warning.
 
 With ``--budget 0.3`` it runs the README's recommended recipe for a chosen size instead of a
-constant ``lam``: the ranks that keep 30% of each matrix's
-parameters, reached by a cubic hard-threshold ramp over the first 15% of the steps and held to
-the end, with ``tau_lr="cumulative"`` (the base optimizer updates a latent copy of each matrix;
-the weights are its projections).
+constant ``lam``: the ranks that keep 30% of each matrix's parameters, reached by a cubic
+hard-threshold ramp over the first 15% of the steps and held to the end, with
+``tau_lr="cumulative"`` (the base optimizer updates a latent copy of each matrix; the weights
+are its projections).
 
 Run: .venv/bin/python examples/gpt2_trainer.py [--steps 300] [--budget 0.3] [--quick]
 """
