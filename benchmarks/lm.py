@@ -20,7 +20,14 @@ more steps from that checkpoint (equal total steps ``pretrain + steps``), at eac
   (``Schedule(lam=Ramp(...))``);
 * ``schedule-soft`` / ``schedule-hard``: ``Schedule(budget=budget, ramp_end=steps/2,
   threshold="soft"|"hard")``: the ranks shrink to the budget (allocated across layers) by mid-run
-  and are frozen for the second half (healing), then :func:`proxrank.factorize`.
+  and are frozen for the second half (healing), then :func:`proxrank.factorize`;
+* ``ramp-hard`` / ``ramp-hard + latent`` (the README's size recipe):
+  ``Schedule(budget=budget, allocation="uniform", threshold="hard", ramp_end=ramp * steps)``,
+  the same ranks as the truncations, reached by a cubic ramp and then held (projection) to the
+  end, then :func:`proxrank.factorize`; ``+ latent`` with ``tau_lr="cumulative"``: the base
+  optimizer updates a latent copy of each matrix and the weights are its projections (dual
+  averaging). Their peak rate is ``--ramp_lr`` (5e-4; the others' 1e-3): AdamW on full matrices
+  followed by a projection moves the weights more per step than AdamW on the factors.
 
 Per method and budget: the median validation loss over seeds with its spread (min-max), the
 weight-matrix parameters kept (% of dense), wall time, and the share of the wall time spent in
@@ -51,11 +58,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: 15 minutes on 2 CPU cores) and the --quick smoke run (the test suite's).
 FULL = dict(
     layers=4, d=256, heads=4, seq=64, batch=16, pretrain=300, steps=60, heal=20,
-    seeds=2, eval_windows=128, lam=4.0,
+    seeds=2, eval_windows=128, lam=4.0, ramp=0.15, ramp_lr=5e-4,
 )  # fmt: skip
 QUICK = dict(
     layers=1, d=32, heads=2, seq=32, batch=8, pretrain=6, steps=6, heal=2,
-    seeds=1, eval_windows=8, lam=4.0,
+    seeds=1, eval_windows=8, lam=4.0, ramp=0.15, ramp_lr=5e-4,
 )  # fmt: skip
 BUDGETS = (0.3, 0.12)
 LR = 1e-3
@@ -234,6 +241,18 @@ def method_run(name: str, dense: nn.Module, cfg: dict, budget: float, data: Data
         opt.close()
         kept = matrix_params(model)[1]
         model, _ = proxrank.factorize(model)
+    elif name.startswith("ramp-hard"):
+        sched = proxrank.Schedule(
+            budget=budget, allocation="uniform", threshold="hard",
+            ramp_end=round(cfg["ramp"] * steps),
+        )  # fmt: skip
+        tau_lr = "cumulative" if name.endswith("+ latent") else "current"
+        base = torch.optim.AdamW(model.parameters(), lr=cfg["ramp_lr"])
+        opt = proxrank.ProxRank(base, model, schedule=sched, tau_lr=tau_lr)
+        timing = train(model, opt, steps, batches)
+        opt.close()
+        kept = matrix_params(model)[1]
+        model, _ = proxrank.factorize(model)
     else:  # pragma: no cover - the method list is fixed below
         raise ValueError(name)
     row.update(timing, val=val_loss(model, data), kept=kept / full)
@@ -252,6 +271,8 @@ METHODS = (
     "isvt-ramp + trunc + heal",
     "schedule-soft",
     "schedule-hard",
+    "ramp-hard",
+    "ramp-hard + latent",
 )
 
 
@@ -306,20 +327,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="torch CPU threads (%(default)s: on a shared machine more threads busy-wait and "
         "slow down badly)",
     )
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of the methods to run (default: all; dense always runs)",
+    )
+    ap.add_argument(
+        "--seed0", type=int, default=0, help="first seed (run seeds seed0 .. seed0 + seeds - 1)"
+    )
     for key, value in FULL.items():
         ap.add_argument(f"--{key}", type=type(value), default=None, help=f"(full: {value})")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: v for k, v in vars(args).items() if k in FULL and v is not None})
+    methods = METHODS if args.methods is None else tuple(args.methods.split(","))
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = Data(cfg["seq"], cfg["eval_windows"])
     dense, cached = pretrained(cfg, data, args.out)
     rows = []
-    for seed in range(cfg["seeds"]):
+    for seed in range(args.seed0, args.seed0 + cfg["seeds"]):
         rows.append(method_run("dense", dense, cfg, 1.0, data, seed))
         for budget in BUDGETS:
-            for method in METHODS:
+            for method in methods:
                 rows.append(method_run(method, dense, cfg, budget, data, seed))
                 r = rows[-1]
                 print(f"seed {seed} budget {budget:.0%} {method:28s} val {r['val']:.3f} "

@@ -5,7 +5,13 @@ every Debian system ships (``/usr/share/common-licenses``). ProxRank selects GPT
 and MLP weights (transformers' ``Conv1D``; the stacked ``c_attn`` per q/k/v block) by default;
 the ``lm_head``, tied to the token embedding, is left out with a warning.
 
-Run: .venv/bin/python examples/gpt2_trainer.py [--steps 300] [--quick]
+With ``--budget 0.3`` it runs the README's recommended recipe for a chosen size instead of a
+constant ``lam``: the ranks that keep 30% of each matrix's parameters, reached by a cubic
+hard-threshold ramp over the first 15% of the steps and held to the end, with
+``tau_lr="cumulative"`` (the base optimizer updates a latent copy of each matrix; the weights
+are its projections).
+
+Run: .venv/bin/python examples/gpt2_trainer.py [--steps 300] [--budget 0.3] [--quick]
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--budget", type=float, default=None, help="budget of the size recipe")
     ap.add_argument("--quick", action="store_true", help="a tiny model and a few steps")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -65,7 +72,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # the two added lines: wrap the optimizer, hand it to the Trainer
     base = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt = proxrank.ProxRank(base, model, lam=args.lam)
+    if args.budget is None:
+        opt = proxrank.ProxRank(base, model, lam=args.lam)
+    else:  # the size recipe: say where to end up, ramp there early, keep a latent copy
+        schedule = proxrank.Schedule(
+            budget=args.budget, allocation="uniform", threshold="hard",
+            ramp_end=round(0.15 * steps),
+        )  # fmt: skip
+        opt = proxrank.ProxRank(base, model, schedule=schedule, tau_lr="cumulative")
     print(opt.describe())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
 

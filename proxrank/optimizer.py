@@ -43,7 +43,7 @@ GROUP_OPTIONS = ("lam", "prox", "metric")
 
 
 #: Values of ``ProxRank(tau_lr=...)``: the learning rate that scales ``tau = lam * lr``.
-TAU_LRS = ("current", "initial")
+TAU_LRS = ("current", "initial", "cumulative")
 
 
 class _Options(NamedTuple):
@@ -76,6 +76,7 @@ class _Work:
     jobs: list[_Job] = field(default_factory=list)
     updates: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     fresh: set[int] = field(default_factory=set)
+    latent: list[int] = field(default_factory=list)  # tau_lr="cumulative": the base steps Z
 
     def update(self, index: int, namespace: str, values: dict[str, Any]) -> None:
         if values:
@@ -215,7 +216,15 @@ class ProxRank(Optimizer):
             schedulers record; ``lr`` when none did), so ``tau`` does not decay with the
             schedule: under a decaying rate this is the step of ``f + (tau / lr_t) R``, a
             regularisation that strengthens as the rate decays and keeps ranks from climbing
-            back.
+            back; ``"cumulative"`` the sum of the group's rates over every step so far
+            (dual averaging, as torchao's PAT): each selected matrix keeps a latent,
+            un-thresholded copy ``Z`` (one more copy of it, in the optimizer's state), the
+            base step updates ``Z`` (the gradient is taken at the weight, the prox of ``Z``) and
+            the weight becomes ``prox(Z, lam * sum_s lr_s)``. Nothing the prox removes is lost:
+            a singular value whose gradients keep pushing it grows back in ``Z``, and the
+            threshold keeps growing while the rate decays, so ranks do not climb back. A
+            schedule's strength ramp multiplies this ``tau``; a rank target projects ``Z``.
+            Not with ``Schedule(every=k > 1)``, a ``closure`` or sharded parameters.
 
     Example::
 
@@ -265,6 +274,12 @@ class ProxRank(Optimizer):
                 f"tau_lr must be one of {TAU_LRS} (tau = lam * lr or lam * initial_lr), "
                 f"got {tau_lr!r}"
             )
+        if tau_lr == "cumulative" and schedule is not None and schedule.every > 1:
+            raise ValueError(
+                "tau_lr='cumulative' already proxes the latent weights with the accumulated "
+                f"threshold; Schedule(every={schedule.every}) would accumulate it twice: use "
+                "every=1"
+            )
         self.tau_lr = tau_lr
         torch._C._log_api_usage_once("python.optimizer.proxrank")
         self.optimizer = optimizer
@@ -309,6 +324,11 @@ class ProxRank(Optimizer):
             self.tracker.bind(self)
         #: The :class:`proxrank.distributed.Engine` sharing the prox across ranks, or ``None``.
         self.distributed = Engine.detect(self.targets, distributed)
+        if tau_lr == "cumulative" and any(is_sharded(t.param) for t in self.targets):
+            raise NotImplementedError(
+                "tau_lr='cumulative' keeps a latent copy of each whole matrix, which sharded "
+                "(FSDP2) parameters do not have; use tau_lr='current' or 'initial'"
+            )
 
     # -- what is shared with the base optimizer --------------------------------------------
     @property
@@ -497,8 +517,22 @@ class ProxRank(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.sum() > 0):
             return self._base_step(closure, kwargs)
+        if closure is not None and self.tau_lr == "cumulative":
+            raise ValueError(
+                "tau_lr='cumulative' takes the gradient at the thresholded weights and lets the "
+                "base step update the latent ones; a closure evaluated inside the base step "
+                "cannot tell them apart (nothing was changed). Call loss.backward() and then "
+                "step() without a closure, or use tau_lr='current'"
+            )
         work = self._prepare(False, grad_scale) if closure is None else None
-        loss = self._base_step(closure, kwargs)
+        restore = self._swap_in_latents(work) if work is not None else []
+        try:
+            loss = self._base_step(closure, kwargs)
+        except BaseException:
+            with torch.no_grad():
+                for t, X in restore:
+                    t.view.write(t.param, X)
+            raise
         if work is None:  # with a closure the gradients exist only now
             work = self._prepare(True, grad_scale)
         if self.check_finite:
@@ -592,6 +626,8 @@ class ProxRank(Optimizer):
                     )
                 ):
                     work.update(i, "schedule", upd)
+        if self.tau_lr == "cumulative":
+            work.latent = active
         self._add_jobs(work, active, options)
         return work
 
@@ -662,6 +698,9 @@ class ProxRank(Optimizer):
         group = self.param_groups[self._group_index[index]]
         lr = float(group["lr"])
         tau_lr = float(group.get("initial_lr", lr)) if self.tau_lr == "initial" else lr
+        if self.tau_lr == "cumulative":
+            tau_lr = self._current(index, "dual", work).get("lr_sum", 0.0) + lr
+            work.update(index, "dual", {"lr_sum": tau_lr})
         tau = options.lam * tau_lr
         _check_map(options.prox, t, self.schedule)
         plan: Plan | None = Plan(tau, options.prox)
@@ -839,9 +878,29 @@ class ProxRank(Optimizer):
         return outcomes
 
     @torch.no_grad()
+    def _swap_in_latents(self, work: _Work) -> list[tuple[Target, Tensor]]:
+        """``tau_lr="cumulative"``: write each latent ``Z`` into its weight, for the base step
+        to update; returns the weights it replaced (restored if the base step fails)."""
+        replaced = []
+        for i in work.latent:
+            Z = self._current(i, "dual", work).get("latent")
+            if Z is not None:
+                t = self._records[i].target
+                replaced.append((t, t.view.read(t.param.detach()).clone()))
+                t.view.write(t.param, Z)
+        return replaced
+
+    @torch.no_grad()
     def _commit(self, work: _Work, outcomes: list[_Outcome]) -> None:
         """Write every weight (through its view; a sharded engine writes the shards its owners
-        computed) and every namespace of state."""
+        computed) and every namespace of state. Under ``tau_lr="cumulative"`` the weight the
+        base step left is the new latent ``Z`` of a matrix with a prox; one without keeps it
+        as its own latent."""
+        proxed = {job.index for job in work.jobs}
+        for i in work.latent:
+            t = self._records[i].target
+            Z = t.view.read(t.param.detach()).clone() if i in proxed else None
+            work.update(i, "dual", {"latent": Z})
         for job, out in zip(work.jobs, outcomes, strict=True):
             rec = self._records[job.index]
             if self.tracker is not None and out.measured is not None:  # measured by its owner
@@ -855,6 +914,7 @@ class ProxRank(Optimizer):
         for i in work.fresh:
             rec = self._records[i]
             rec.shape, rec.backend, rec.metric, rec.schedule = rec.target.shape2d, {}, {}, {}
+            rec.dual = {}
         for i, namespaces in work.updates.items():
             rec = self._records[i]
             for ns, values in namespaces.items():
@@ -1053,6 +1113,14 @@ class ProxRank(Optimizer):
                     k: v.to(t.param.device) if isinstance(v, Tensor) else v
                     for k, v in state.items()
                 }
+            latent = spaces["dual"].get("latent")
+            if latent is not None and (
+                not isinstance(latent, Tensor) or tuple(latent.shape) != shape
+            ):
+                raise ValueError(
+                    f"state_dict entry for {t.name!r}: the latent matrix (tau_lr='cumulative') "
+                    f"is not a {shape} tensor; the checkpoint is corrupted"
+                )
             basis = spaces["backend"].get("basis")
             if isinstance(basis, Tensor) and (basis.dim() != 2 or basis.shape[0] != min(shape)):
                 raise ValueError(

@@ -10,7 +10,10 @@ per owner, so that no two components can collide on a key:
 * ``metric``: written only by the :class:`~proxrank.metrics.Metric` (gradient and input
   statistics);
 * ``schedule``: written only by the :class:`~proxrank.schedules.Schedule` (final rank,
-  accumulated threshold, rank reached).
+  accumulated threshold, rank reached);
+* ``dual``: written only by the optimizer under ``tau_lr="cumulative"`` (dual averaging): the
+  sum of the learning rates so far and the latent, un-thresholded matrix ``Z`` whose prox the
+  weight holds (``None``: the weight is its own latent).
 
 A step never mutates a namespace in place: it computes the new entries and the optimizer
 commits them once every matrix has succeeded (see ``ARCHITECTURE.md``).
@@ -32,7 +35,7 @@ from .selection import Target
 __all__ = ["NAMESPACES", "MatrixInfo", "MatrixRecord", "ProxStep"]
 
 #: The owners of a matrix's state, in the order they are saved.
-NAMESPACES = ("backend", "metric", "schedule")
+NAMESPACES = ("backend", "metric", "schedule", "dual")
 
 
 @dataclass(eq=False)
@@ -49,6 +52,7 @@ class MatrixRecord:
     backend: dict[str, Any] = field(default_factory=dict)
     metric: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
+    dual: dict[str, Any] = field(default_factory=dict)
     input_error: str | None = None
 
     @property

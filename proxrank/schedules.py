@@ -20,8 +20,10 @@ to its final rank at ``ramp_end``, with the shape ``g`` of :class:`Ramp` (1 -> 0
     r(n) = r_final + ceil((k - r_final) g(n)),  cubic: g = (1 - (n - n0) / (n1 - n0))^3
 
 (the cubic is gradual magnitude pruning's schedule, Zhu & Gupta 2017). The final ranks come
-from ``target`` (a ratio of ``k`` or one rank for every matrix) or from a global ``budget``
-allocated across layers by :func:`proxrank.budget.allocate_ranks` at the first shrink step.
+from ``target`` (a ratio of ``k`` or one rank for every matrix) or from a global ``budget``:
+allocated across layers by :func:`proxrank.budget.allocate_ranks` at the first shrink step
+(``allocation="global"``), or the same share of every matrix (``allocation="uniform"``: the
+largest ``r`` with ``r (m + n) <= budget m n``, as ``proxrank.compress(ratio=budget)``).
 
 **Maps on the matrix itself** (:class:`proxrank.prox.MatrixMap`). The penalties ``"l1"`` and
 ``"group"`` take strength ramps and ``every=`` (their soft thresholds compose like the
@@ -162,6 +164,13 @@ class Schedule:
             from the target's name to a number or a callable ``Target -> float`` (called at
             the allocation, so it may read optimizer statistics); default 1.
         cost_weights: per-layer cost per parameter (FLOPs per parameter), same forms.
+        allocation: how a ``budget`` (a ratio) is shared: ``"global"`` (default: the
+            predicted-loss allocation above, across layers) or ``"uniform"`` (every matrix keeps
+            the largest rank ``r`` with ``r (m + n) <= budget m n``, at least ``min_rank``;
+            the ranks ``proxrank.compress(ratio=budget)`` keeps). The global allocation weighs
+            removed singular-value energy alike in every layer: on a model whose layers differ
+            in scale (GPT-2's residual projections) it can cut a layer to rank 1; ``"uniform"``
+            needs no curvature estimate.
         min_rank: lowest rank the allocation may give a layer.
         ramp: shape of the rank ramp (:data:`RAMP_KINDS`, default ``"cubic"``).
         warmup: steps without prox.
@@ -189,6 +198,7 @@ class Schedule:
         tolerance: float | None = None,
         weights: Mapping[str, float] | Callable[[Target], float] | None = None,
         cost_weights: Mapping[str, float] | Callable[[Target], float] | None = None,
+        allocation: str = "global",
         min_rank: int = 1,
         ramp: str = "cubic",
         warmup: int = 0,
@@ -212,6 +222,19 @@ class Schedule:
         self.threshold = threshold
         self.target, self.budget, self.mode, self.tolerance = target, budget, mode, tolerance
         self.weights, self.cost_weights, self.min_rank = weights, cost_weights, min_rank
+        if allocation not in ("global", "uniform"):
+            raise ValueError(f"allocation={allocation!r}; use 'global' or 'uniform'")
+        if allocation == "uniform" and not isinstance(budget, float):
+            raise ValueError(
+                "allocation='uniform' keeps the same share of every matrix: it takes a ratio "
+                f"budget= (a float in (0, 1]), got budget={budget!r}"
+            )
+        if allocation == "uniform" and (weights is not None or cost_weights is not None):
+            raise ValueError(
+                "weights=/cost_weights= steer the global allocation; allocation='uniform' "
+                "gives every matrix the same share: drop them or use allocation='global'"
+            )
+        self.allocation = allocation
         self.has_rank = target is not None or budget is not None or mode == "compact"
         if mode not in ("budget", "compact"):
             raise ValueError(f"mode={mode!r}; use 'budget' or 'compact'")
@@ -365,6 +388,11 @@ class Schedule:
         if all(isinstance(p, Magnitude) for p in proxes):
             weights = [t.view.read(t.param.detach()) for t in targets]
             return [{"final_rank": k} for k in global_magnitude_levels(weights, self.budget)]
+        if self.allocation == "uniform":
+            return [
+                {"final_rank": _uniform_rank(*t.shape2d, self.budget, self.min_rank)}
+                for t in targets
+            ]
         values = [spectrum(t, t.param) for t in targets] if spectra is None else spectra(targets)
         alloc = allocate_ranks(
             values,
@@ -386,8 +414,8 @@ class Schedule:
                 f"proxrank: the budget allocation cuts {len(tiny)} matrices below 1/"
                 f"{TINY_RANK_FRACTION} of their rank ({', '.join(tiny)}); the allocator weighs "
                 "every layer's removed energy alike, so small-scaled layers (e.g. GPT-2's "
-                "residual projections) go first. Raise min_rank= or pass weights= if they "
-                "matter",
+                "residual projections) go first. Raise min_rank=, pass weights=, or use "
+                "allocation='uniform'",
                 stacklevel=4,
             )
         return [{"final_rank": r} for r in alloc.ranks]
@@ -433,6 +461,7 @@ class Schedule:
             "mode": self.mode,
             "tolerance": self.tolerance,
             "min_rank": self.min_rank,
+            "allocation": self.allocation,
             "ramp": self.ramp,
             "warmup": self.warmup,
             "ramp_end": self.ramp_end,
@@ -457,6 +486,12 @@ def spectrum(target: Target, param: torch.Tensor) -> torch.Tensor:
     """The singular values (float64, descending) of ``target``'s matrix read from ``param``: its
     parameter, or the whole of it gathered from shards."""
     return torch.linalg.svdvals(target.view.read(param.detach()).double())
+
+
+def _uniform_rank(m: int, n: int, ratio: float, min_rank: int) -> int:
+    """The largest ``r`` with ``r (m + n) <= ratio m n``, at least ``min_rank``, at most
+    ``min(m, n)``."""
+    return min(max(min_rank, math.floor(ratio * m * n / (m + n))), m, n)
 
 
 def _per_layer(

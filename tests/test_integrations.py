@@ -127,3 +127,20 @@ def test_gpt2_trainer_example_runs(capsys):
     for block in ("attn.c_attn.weight[q]", "attn.c_attn.weight[v]", "mlp.c_fc.weight"):
         assert f"transformer.h.0.{block}" in table
     assert math.isfinite(result["dense_loss"]) and math.isfinite(result["factorized_loss"])
+
+
+@pytest.mark.slow
+def test_gpt2_trainer_example_runs_the_size_recipe(capsys):
+    """``--budget``: the README's size recipe through the HF Trainer; the weights end exactly at the
+    budget's ranks, so factorizing them changes the held-out loss by rounding only."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "gpt2_trainer.py"
+    spec = importlib.util.spec_from_file_location("gpt2_trainer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.warns(UserWarning, match="lm_head.weight shares its tensor with an embedding"):
+        result = module.main(["--quick", "--budget", "0.5"])
+    assert result["factorized_loss"] == pytest.approx(result["dense_loss"], rel=1e-4)
+    assert result["compression"] > 1.2

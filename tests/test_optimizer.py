@@ -214,6 +214,7 @@ def test_state_dict_nests_base_and_lists_matrices_with_their_positions():
         "backend",
         "metric",
         "schedule",
+        "dual",
     }
     base_only = copy.deepcopy(base.state_dict())  # a plain base checkpoint also loads
     opt.load_state_dict(base_only)

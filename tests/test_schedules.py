@@ -270,6 +270,17 @@ def test_compact_mode_and_fisher_weights_through_the_schedule():
     assert got == alloc.ranks
 
 
+def test_uniform_allocation_keeps_the_ranks_of_compress_at_the_same_ratio():
+    model = _mlp()
+    sch = Schedule(budget=0.3, allocation="uniform", ramp_end=1)
+    opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.0), model, schedule=sch)
+    reference = proxrank.compress(_mlp(), ratio=0.3)
+    _zero_grad_steps(opt, list(model.parameters()), 1)
+    got = [opt.matrix(r.name).schedule_state["final_rank"] for r in reference]
+    assert got == [r.rank for r in reference] == [5, 7, 1]
+    assert [int(torch.linalg.matrix_rank(model[i].weight)) for i in (0, 2, 4)] == got
+
+
 # -- errors ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "match"),
@@ -291,6 +302,13 @@ def test_compact_mode_and_fisher_weights_through_the_schedule():
         ({"lam": 1.0, "warmup": 5, "freeze_at": 2}, "freeze_at=2 is before the end of warmup"),
         ({"lam": Ramp(1.0, -1.0, 0, 5)}, "must be >= 0"),
         ({"budget": 0.5, "ramp_end": 5, "min_rank": -1}, "min_rank"),
+        ({"budget": 0.5, "ramp_end": 5, "allocation": "fisher"}, "allocation='fisher'"),
+        ({"budget": 500, "ramp_end": 5, "allocation": "uniform"}, "ratio budget"),
+        ({"target": 0.5, "ramp_end": 5, "allocation": "uniform"}, "ratio budget"),
+        (
+            {"budget": 0.5, "ramp_end": 5, "allocation": "uniform", "weights": {"a": 1.0}},
+            "drop them",
+        ),
     ],
 )
 def test_schedule_errors(kwargs, match):
@@ -344,6 +362,7 @@ def _train(model, opt, steps, seed):
     "make",
     [
         lambda: Schedule(budget=0.25, warmup=3, ramp_end=12, ramp="cosine"),
+        lambda: Schedule(budget=0.25, allocation="uniform", warmup=3, ramp_end=12),
         lambda: Schedule(lam=Ramp(1e-3, 1.0, 2, 9, "exponential"), every=3, freeze_at=14),
     ],
 )
