@@ -400,9 +400,9 @@ class Schedule:
         phase = self.phase(n)
         if phase == "warmup":
             return None, {}
-        k = _full_level(prox, shape2d)
         projection = isinstance(prox, MatrixMap)  # a projection: it keeps its own kind
         if phase == "freeze":
+            k = _full_level(prox, shape2d)
             rank = state.get("final_rank", state.get("rank", k))
             if rank >= k:
                 return None, {}
@@ -411,6 +411,7 @@ class Schedule:
         if self.has_rank:
             if not due:
                 return None, {}
+            k = _full_level(prox, shape2d)
             rank = self.rank_at(n, k, state["final_rank"])
             if rank >= k:
                 return None, {}

@@ -544,3 +544,32 @@ def test_a_failing_map_writes_nothing_and_names_the_weights():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(expected, model.parameters(), strict=True))
     assert opt.step_count == 0 and opt.tracker.state_dict()["layers"] == {}
+
+
+@pytest.mark.parametrize(("prox", "reference"), [("l1", ref_l1), ("group", ref_group)])
+def test_penalty_with_a_strength_schedule_is_the_textbook_step(prox, reference):
+    """A penalty under a schedule without a level (warm-up, a ``lam`` ramp, ``every=2``): the
+    textbook soft threshold by the accumulated ``tau`` on the steps due (``plan`` asked a
+    penalty for its full level and raised at the first step)."""
+    lr, lam = 0.1, 0.5
+    sched = proxrank.Schedule(lam=proxrank.schedules.Ramp(0.0, 1.0, 1, 5), warmup=1, every=2)
+    model, ref = _mlp(), _mlp()
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=lr), model, lam=lam, prox=prox, schedule=sched
+    )
+    acc = 0.0
+    for n, (x, y) in enumerate(_batches(6), start=1):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        ref.zero_grad()
+        F.mse_loss(ref(x), y).backward()
+        acc += 0.0 if n <= 1 else lr * lam * sched.lam(n)
+        due = n > 1 and (n - 1) % 2 == 0
+        with torch.no_grad():
+            for p in ref.parameters():
+                W = (p - lr * p.grad).numpy()
+                p.copy_(torch.from_numpy(reference(W, acc) if p.dim() == 2 and due else W))
+        acc = 0.0 if due else acc
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=0, atol=1e-14)
