@@ -16,7 +16,8 @@ the norms, column ``j`` of ``C``) when
   zeros (its padded border would see ``0``, not ``c_j``); otherwise the unit stays.
 
 The result computes the same function (eval mode, to rounding; removing units whose value is
-zero is exact in training mode too). Everything else stays as it is, with the reason: a unit
+zero is exact in training mode too, but for a unit that passes a ``BatchNorm``: there batch
+statistics map a constant channel to the norm's shift ``beta_j``, not to ``c_j``). Everything else stays as it is, with the reason: a unit
 at the input of the first layer or the output of the last (the model's interface), units
 before a module that mixes them (``LayerNorm``, attention, an unknown module), layers or
 weights used in several places, grouped convolutions, layers with hooks. At least one unit of
