@@ -573,3 +573,23 @@ def test_penalty_with_a_strength_schedule_is_the_textbook_step(prox, reference):
         acc = 0.0 if due else acc
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=0, atol=1e-14)
+
+
+@given(
+    matrices(batch=True),
+    st.sampled_from([1e-30, 1e-20, 1e20, 1e30]),
+    st.sampled_from([0.1, 0.9, 1.1]),
+    axes,
+)
+def test_group_lasso_in_float32_with_tiny_and_huge_entries(W, scale, ratio, axis):
+    """Float32 groups whose squares underflow (overflow) still get the float64 reference's
+    threshold (``tau`` near the groups' median norm; the norm of the squares made them all 0,
+    or left them as they were)."""
+    W32 = (W * scale).float()
+    norms = np.linalg.norm(W32.double().numpy(), axis=_dim(axis))  # float64: no underflow
+    tau = ratio * float(np.median(norms))
+    X = GroupLasso(axis)(W32, torch.full((W.shape[0],), tau))
+    for i in range(W.shape[0]):
+        expected = ref_group(W32[i].double().numpy(), tau, axis)
+        np.testing.assert_allclose(X[i].double().numpy(), expected, rtol=1e-5, atol=0)
+    assert torch.isfinite(GroupLasso(axis).regularizer(W32[0]))
