@@ -298,8 +298,7 @@ class ProxRank(Optimizer):
         self._closed = False
         options = self._options()
         self._sync_input_hooks(options)
-        for rec, g in zip(self._records, self._group_index, strict=True):
-            _check_map(options[g].prox, rec.target, schedule)
+        self._check_maps(options)
         if schedule is not None:
             schedule.check(self.targets, [options[g].prox for g in self._group_index])
         #: Number of completed steps (base step + prox).
@@ -408,6 +407,11 @@ class ProxRank(Optimizer):
             self._group_options(g, f"param_groups[{i}]") for i, g in enumerate(self.param_groups)
         ]
 
+    def _check_maps(self, options: list[_Options]) -> None:
+        """Raise ``ValueError`` when a group's map cannot act on one of its matrices."""
+        for rec, g in zip(self._records, self._group_index, strict=True):
+            _check_map(options[g].prox, rec.target, self.schedule)
+
     def _refresh_targets(self) -> None:
         """One record per selected matrix the base optimizer trains, in its parameter order
         (records of matrices already known are kept)."""
@@ -439,6 +443,13 @@ class ProxRank(Optimizer):
                 "layers known when the ProxRank was built; build it with every param group"
             )
         self._init_group(param_group, where="param_group")
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        ids = {id(p) for p in param_group["params"]}
+        options = self._group_options(param_group, "param_group")
+        for t in self._candidates:  # before anything changes: the map fits every new matrix
+            if id(t.param) in ids:
+                _check_map(options.prox, t, self.schedule)
         self.optimizer.add_param_group(param_group)
         self._refresh_targets()
 
@@ -497,6 +508,8 @@ class ProxRank(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.sum() > 0):
             return self._base_step(closure, kwargs)
+        if closure is not None:  # the prox is prepared after the base step: check it first
+            self._check_maps(self._options())
         work = self._prepare(False, grad_scale) if closure is None else None
         loss = self._base_step(closure, kwargs)
         if work is None:  # with a closure the gradients exist only now

@@ -593,3 +593,38 @@ def test_group_lasso_in_float32_with_tiny_and_huge_entries(W, scale, ratio, axis
         expected = ref_group(W32[i].double().numpy(), tau, axis)
         np.testing.assert_allclose(X[i].double().numpy(), expected, rtol=1e-5, atol=0)
     assert torch.isfinite(GroupLasso(axis).regularizer(W32[0]))
+
+
+def test_map_errors_with_a_closure_and_in_add_param_group_change_nothing():
+    """A map that cannot act on a matrix is refused before the base step when ``step`` has a
+    closure (its prox is prepared after the base step), and by ``add_param_group`` before the
+    group is added."""
+    model = _mlp()
+    x, y = _batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, prox="l1")
+    before = [p.detach().clone() for p in model.parameters()]
+    for prox, metric, match in (
+        (NM(2, 8), "euclidean", "'2.weight'.*multiple of 8"),
+        ("group", "fisher", r"param_groups\[0\].*'group'.*euclidean"),
+    ):
+        opt.param_groups[0]["prox"], opt.param_groups[0]["metric"] = prox, metric
+        with pytest.raises(ValueError, match=match):
+            opt.step(closure)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        assert opt.step_count == 0
+
+    extra = nn.Linear(6, 5).double()
+    both = nn.ModuleDict({"a": model, "b": extra})
+    opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), both, lam=0.1)
+    with pytest.raises(ValueError, match="'b.weight'.*multiple of 4"):
+        opt.add_param_group({"params": extra.parameters(), "prox": NM(2, 4)})
+    assert len(opt.param_groups) == 1 and len(opt.matrices()) == 3
+    opt.add_param_group({"params": extra.parameters(), "prox": "l1"})
+    assert len(opt.matrices()) == 4

@@ -17,11 +17,11 @@ the norms, column ``j`` of ``C``) when
 
 The result computes the same function (eval mode, to rounding; removing units whose value is
 zero is exact in training mode too, but for a unit that passes a ``BatchNorm``: there batch
-statistics map a constant channel to the norm's shift ``beta_j``, not to ``c_j``). Everything else stays as it is, with the reason: a unit
-at the input of the first layer or the output of the last (the model's interface), units
-before a module that mixes them (``LayerNorm``, attention, an unknown module), layers or
-weights used in several places, grouped convolutions, layers with hooks. At least one unit of
-each layer is kept.
+statistics map a constant channel to the norm's shift ``beta_j``, not to ``c_j``).
+Everything else stays as it is, with the reason: a unit at the input of the first layer or
+the output of the last (the model's interface), units before a module that mixes them
+(``LayerNorm``, attention, an unknown module), layers or weights used in several places,
+grouped convolutions, layers with hooks. At least one unit of each layer is kept.
 
 Assumed, as for any ``nn.Sequential``: its modules are called only through it (a model whose
 own ``forward`` also calls ``seq[0]`` directly, or reads its sizes, is not seen as such), and a
