@@ -186,3 +186,4 @@ class NM(MatrixMap):
 
 #: The sparsity maps by name, as :func:`proxrank.prox.get_prox` resolves them.
 SPARSITY_MAPS: dict[str, type[MatrixMap]] = {m.name: m for m in (L1, GroupLasso, Magnitude, NM)}
+torch.serialization.add_safe_globals(list(SPARSITY_MAPS.values()))  # saved in param groups

@@ -628,3 +628,26 @@ def test_map_errors_with_a_closure_and_in_add_param_group_change_nothing():
     assert len(opt.param_groups) == 1 and len(opt.matrices()) == 3
     opt.add_param_group({"params": extra.parameters(), "prox": "l1"})
     assert len(opt.matrices()) == 4
+
+
+@pytest.mark.parametrize(
+    "prox",
+    [
+        GroupLasso("columns"),
+        Magnitude(0.5),
+        NM(2, 4),
+        TTRound(ranks=2, d=2),
+        proxrank.prox.HardThreshold(),
+    ],
+)
+def test_checkpoint_with_a_map_object_loads_with_weights_only(prox, tmp_path):
+    """A map given as an object is saved in the param groups; ``torch.load``'s default
+    (``weights_only=True``) reads it back, equal to the map."""
+    model = _mlp()
+    opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, prox=prox)
+    _train(model, opt, _batches(1))
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert saved["param_groups"][0]["prox"] == prox
+    opt.load_state_dict(saved)
+    assert opt.step_count == 1
