@@ -396,6 +396,7 @@ def conv_chains(draw):
         "relu": nn.ReLU,
         "maxpool": lambda: nn.MaxPool2d(2),
         "avgpool": lambda: nn.AvgPool2d(2),
+        "sumpool": lambda: nn.AvgPool2d(2, divisor_override=1),
         "tanh": nn.Tanh,
     }
     between = [mids[k]() for k in draw(st.lists(st.sampled_from(sorted(mids)), max_size=3))]
@@ -432,3 +433,26 @@ def test_random_conv_chains_keep_outputs_and_remove_exactly_the_removable(model)
     removable = ignored | (dead & ((value == 0) | exact_fold))
     assert small[0].out_channels == small[-1].in_channels == max(int((~removable).sum()), 1)
     assert n_params(small) == summary.model_params_after
+
+
+@pytest.mark.parametrize(
+    ("conv", "pool", "size"),
+    [
+        (nn.Conv2d, nn.AvgPool2d((2, 3), divisor_override=2), (6, 6)),
+        (nn.Conv3d, nn.AvgPool3d(2, divisor_override=3), (4, 4, 4)),
+    ],
+)
+def test_average_pool_with_a_divisor_scales_the_folded_constant(conv, pool, size):
+    """A pool with ``divisor_override`` outputs a window's sum over the divisor: a dead
+    channel's constant ``c`` becomes ``c * (kernel entries) / divisor`` before the fold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), pool, conv(4, 3, 1))
+    model = model.double().eval()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+        model[0].bias[1] = 0.7
+    small, _ = factorize(model, min_saving=0.99)
+    assert small[0].out_channels == 3
+    x = torch.randn(2, 2, *size, dtype=torch.float64)
+    with torch.no_grad():
+        assert close(small(x), model(x))

@@ -193,6 +193,10 @@ def _constants(mod: nn.Module, known: Tensor, value: Tensor) -> tuple[Tensor, Te
         return known, value
     if type(mod) in _AVG_POOLS and (mod.ceil_mode or any(_tuple(mod.padding))):
         return known & (value == 0), value  # zeros padded in: only 0 stays a constant
+    divisor = getattr(mod, "divisor_override", None)  # a window's sum over it, not its mean
+    if type(mod) in _AVG_POOLS and divisor:
+        k, dims = _tuple(mod.kernel_size), _AVG_POOLS.index(type(mod)) + 1
+        return known, value * (math.prod(k) if len(k) == dims else k[0] ** dims) / divisor
     return known, value
 
 
