@@ -601,7 +601,7 @@ class ProxRank(Optimizer):
             with _naming("the schedule's allocation"):
                 for i, upd in enumerate(
                     self.schedule.prepare(
-                        work.step, self.targets, sched_states, proxes, self._spectra
+                        work.step, self.targets, sched_states, proxes, self._spectra, self._matrices
                     )
                 ):
                     work.update(i, "schedule", upd)
@@ -615,6 +615,16 @@ class ProxRank(Optimizer):
             return [spectrum(t, t.param) for t in targets]
         params = [t.param for t in targets]
         return self.distributed.on_owners(targets, params, lambda j, p: spectrum(targets[j], p))
+
+    def _matrices(self, targets: list[Target]) -> list[Tensor]:
+        """Each target's matrix (a magnitude budget's allocation), across ranks read whole on
+        its owner and shared."""
+        if self.distributed is None:
+            return [t.view.read(t.param.detach()) for t in targets]
+        params = [t.param for t in targets]
+        return self.distributed.on_owners(
+            targets, params, lambda j, p: targets[j].view.read(p.detach())
+        )
 
     def _add_jobs(self, work: _Work, active: list[int], options: list[_Options]) -> None:
         """The jobs of the ``active`` matrices. Across ranks a matrix's metric weighting is

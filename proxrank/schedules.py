@@ -336,13 +336,16 @@ class Schedule:
         states: list[dict[str, Any]],
         proxes: list[ProxMap | MatrixMap] | None = None,
         spectra: Callable[[list[Target]], list[torch.Tensor]] | None = None,
+        matrices: Callable[[list[Target]], list[torch.Tensor]] | None = None,
     ) -> list[dict[str, Any]]:
         """At the first step past warm-up, each matrix's final rank or level
         (``{"final_rank": r}``, saved in ``state_dict``): from ``target``, or by allocating
         ``budget`` across layers, from the spectra ``spectra(targets)`` (default:
         :func:`spectrum` of each parameter, in this process; the optimizer passes one that
         shares the work across ranks) or, for magnitude projections, by one global magnitude
-        threshold. ``proxes``: each target's map (default: spectral). Returns the updates per
+        threshold over the matrices ``matrices(targets)`` (default: each read from its parameter
+        in this process; the optimizer passes one that reads a sharded parameter whole on its
+        owner). ``proxes``: each target's map (default: spectral). Returns the updates per
         matrix (empty when there is nothing to fix); reads ``states`` (the schedule's state of
         each target) only."""
         none: list[dict[str, Any]] = [{} for _ in targets]
@@ -363,7 +366,11 @@ class Schedule:
                 out.append({} if "final_rank" in st else {"final_rank": r})
             return out
         if all(isinstance(p, Magnitude) for p in proxes):
-            weights = [t.view.read(t.param.detach()) for t in targets]
+            weights = (
+                [t.view.read(t.param.detach()) for t in targets]
+                if matrices is None
+                else matrices(targets)
+            )
             return [{"final_rank": k} for k in global_magnitude_levels(weights, self.budget)]
         values = [spectrum(t, t.param) for t in targets] if spectra is None else spectra(targets)
         alloc = allocate_ranks(
