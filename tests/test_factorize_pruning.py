@@ -4,6 +4,7 @@ alone with the reason."""
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 
@@ -456,3 +457,19 @@ def test_average_pool_with_a_divisor_scales_the_folded_constant(conv, pool, size
     x = torch.randn(2, 2, *size, dtype=torch.float64)
     with torch.no_grad():
         assert close(small(x), model(x))
+
+
+def test_inplace_with_failing_example_inputs_leaves_the_model_unchanged():
+    """``inplace=True`` prunes the model itself: example inputs its forward rejects are found
+    before any unit is removed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError):
+        factorize(model, inplace=True, example_inputs=torch.randn(2, 7, dtype=torch.float64))
+    assert model[0].out_features == 5 and model[2].in_features == 5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    small, _ = factorize(model, inplace=True, example_inputs=torch.randn(2, 6, dtype=torch.float64))
+    assert small is model and model[0].out_features == 4

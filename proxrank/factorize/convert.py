@@ -716,6 +716,8 @@ def factorize(
     _check_forms(model, select_targets(model, include, exclude), prune, tt, sparse)
     if not inplace:
         model = copy.deepcopy(model)
+    elif example_inputs is not None and prune:  # inputs that fail fail before pruning
+        _record_positions(model, [], example_inputs)
     summary = FactorizeSummary(model_params_before=_count_params(model))
     targets = select_targets(model, include, exclude)
     pruning = None
