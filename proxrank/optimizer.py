@@ -836,10 +836,14 @@ class ProxRank(Optimizer):
         except (RuntimeError, ValueError) as err:
             index = getattr(err, "index", None)
             names = [r.name for r in records] if index is None else [records[index].name]
+            hint = (
+                f"Check the weights and the options of prox {first.prox.name!r}"
+                if isinstance(first.prox, MatrixMap)
+                else "Try backend='exact', or check the weights"
+            )
             raise type(err)(
                 f"the prox of {', '.join(map(repr, names))} failed after the base step (no prox "
-                f"was applied, nothing else changed): {err}. Try backend='exact', or check "
-                "the weights"
+                f"was applied, nothing else changed): {err}. {hint}"
             ) from err
         out = []
         for i, (job, Yi, state) in enumerate(zip(batch, Ys, states, strict=True)):
