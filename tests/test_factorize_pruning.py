@@ -473,3 +473,22 @@ def test_inplace_with_failing_example_inputs_leaves_the_model_unchanged():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     small, _ = factorize(model, inplace=True, example_inputs=torch.randn(2, 6, dtype=torch.float64))
     assert small is model and model[0].out_features == 4
+
+
+@settings(max_examples=20, deadline=None)
+@given(model=chains(), seed=st.integers(0, 1))
+def test_training_mode_chains_keep_the_mode_and_the_original(model, seed):
+    """A model in training mode: the original is left as it was (a forward on the example
+    inputs runs in eval mode), the result keeps the mode, its eval-mode outputs equal the
+    original's, and so do its training-mode outputs where no BatchNorm or dropout lies in a
+    chain (through BatchNorm, batch statistics map a constant unit to the norm's shift)."""
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(3, model[0].in_features, dtype=torch.float64)
+    small, _ = factorize(model, min_saving=0.99, example_inputs=x[:1] if seed else None)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.training and small.training
+    with torch.no_grad():
+        if not any(isinstance(m, nn.BatchNorm1d | nn.Dropout) for m in model.modules()):
+            assert close(small(x), model(x))
+        assert close(small.eval()(x), model.eval()(x))
