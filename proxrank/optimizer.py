@@ -444,8 +444,9 @@ class ProxRank(Optimizer):
             )
         self._init_group(param_group, where="param_group")
         params = param_group["params"]
-        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        ids = {id(p) for p in param_group["params"]}
+        if not isinstance(params, Tensor | set):  # a generator is read once: keep its items
+            param_group["params"] = params = list(params)
+        ids = {id(p) for p in ([params] if isinstance(params, Tensor) else params)}
         options = self._group_options(param_group, "param_group")
         for t in self._candidates:  # before anything changes: the map fits every new matrix
             if id(t.param) in ids:
