@@ -628,6 +628,8 @@ def test_map_errors_with_a_closure_and_in_add_param_group_change_nothing():
     with pytest.raises(ValueError, match="'b.weight'.*multiple of 4"):
         opt.add_param_group({"params": extra.parameters(), "prox": NM(2, 4)})
     assert len(opt.param_groups) == 1 and len(opt.matrices()) == 3
+    with pytest.raises(TypeError, match="ordered collections"):  # torch's own check stays
+        opt.add_param_group({"params": set(extra.parameters()), "prox": "l1"})
     opt.add_param_group({"params": extra.parameters(), "prox": "l1"})
     assert len(opt.matrices()) == 4
 
