@@ -226,6 +226,10 @@ def test_tt_and_csr_layers_save_and_reload():
     x = torch.randn(3, 24)
     assert isinstance(again[0], TTLinear) and isinstance(again[2], SparseLinear)
     assert torch.equal(again(x), small(x))
+    # the cores are row-major, as reloaded: the same sums, bit for bit, on every input
+    assert all(G.is_contiguous() for G in small[0].cores)
+    x3 = torch.randn(2, 5, 24)
+    assert torch.equal(again(x3), small(x3))
     buf = io.BytesIO()
     torch.save(small, buf)
     buf.seek(0)
