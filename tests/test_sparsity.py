@@ -655,3 +655,36 @@ def test_checkpoint_with_a_map_object_loads_with_weights_only(prox, tmp_path):
     assert saved["param_groups"][0]["prox"] == prox
     opt.load_state_dict(saved)
     assert opt.step_count == 1
+
+
+@given(
+    st.integers(1, 5),
+    st.integers(1, 8),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([0.0, 1e-30, 1.0, 1e30]),
+    st.sampled_from([torch.float32, torch.float64]),
+)
+def test_projections_on_ties_zeros_and_extreme_scales(m, n, seed, scale, dtype):
+    """Entries in {-1, 0, 1} (many ties) times ``scale``: magnitude keeps at most ``k`` entries,
+    exactly, none smaller than one it drops; N:M likewise per run; TT rounding is finite and
+    idempotent; each projection idempotent."""
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randint(-1, 2, (2, m, 4 * n), generator=g).to(torch.float64) * scale).to(dtype)
+    zeros = torch.zeros(2, dtype=dtype)
+    for prox, runs in ((Magnitude(0.3), 4 * m * n), (NM(2, 4), 4)):
+        X = prox(W, zeros)
+        w, x = W.reshape(2, -1, runs), X.reshape(2, -1, runs)
+        k = math.ceil(0.3 * runs) if isinstance(prox, Magnitude) else 2
+        assert bool((torch.count_nonzero(x, dim=-1) <= k).all())
+        kept = x != 0
+        assert torch.equal(x[kept], w[kept])
+        smallest_kept = torch.where(kept, w.abs(), math.inf).amin(dim=-1, keepdim=True)
+        largest_dropped = torch.where(kept, -math.inf, w.abs()).amax(dim=-1, keepdim=True)
+        assert bool((largest_dropped <= smallest_kept).all())
+        assert torch.equal(prox(X, zeros), X)
+    tt = TTRound(ranks=1, d=2)
+    if W.shape[-1] > 1 or W.shape[-2] > 1:
+        X = tt(W, zeros)
+        assert bool(torch.isfinite(X).all())
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(tt(X, zeros), X, rtol=tol, atol=tol * scale)
