@@ -192,7 +192,7 @@ def test_factorize_sparse_csr_and_the_notes_when_dense():
     ("kwargs", "error", "words"),
     [
         ({"tt": {"2": ((2, 5), (4, 5))}}, ValueError, "not a TT-matrix layout"),
-        ({"tt": {"1": ((1,), (1,))}}, ValueError, "not a selected nn.Linear"),
+        ({"tt": {"1": ((1,), (1,))}}, ValueError, "TT form is for nn.Linear layers"),
         ({"tt": {"0.weight": ((5, 12), (24,))}}, ValueError, "equal length"),
         ({"tt": "yes"}, TypeError, "mapping"),
         ({"sparse": "coo"}, ValueError, "sparse must be"),

@@ -579,8 +579,9 @@ def _check_forms(
     for key, layout in tt.items():
         if key not in linears:
             raise ValueError(
-                f"tt names {key!r}, which is not a selected nn.Linear weight (or its layer); "
-                f"selected: {sorted(linears)}"
+                f"tt names {key!r}, which is not a selected nn.Linear weight (or its layer): "
+                "the TT form is for nn.Linear layers (others get the dense or low-rank form); "
+                f"selected nn.Linear: {sorted(linears)}"
             )
         m, n = linears[key]
         ok = isinstance(layout, Sequence) and len(layout) == 2
