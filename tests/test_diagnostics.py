@@ -789,3 +789,21 @@ def test_an_optimizer_with_file_loggers_copies_and_pickles(tmp_path):
     assert [r["step"] for r in rows] == ["1", "1", "2", "2", "2", "2", "2", "2"]
     lines = (tmp_path / "d.jl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 2, 2]
+
+
+def test_log_figures_gives_ranks_or_the_sparsity_of_maps_on_the_entries():
+    pytest.importorskip("transformers")
+    from proxrank.hf import log_figures
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    groups = [
+        {"params": model[0].parameters(), "prox": proxrank.sparsity.Magnitude(0.25)},
+        {"params": model[2].parameters()},
+    ]
+    opt = proxrank.ProxRank(torch.optim.SGD(groups, lr=0.1), model, lam=0.1, diagnostics=True)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    figures = log_figures(opt.diagnostics())
+    assert figures["proxrank/sparsity/0.weight"] == 0.75
+    assert "proxrank/rank/2.weight" in figures and "proxrank/rank/0.weight" not in figures
