@@ -693,7 +693,8 @@ class ProxRank(Optimizer):
             state = self._current(index, "schedule", work)
             plan, upd = self.schedule.plan(work.step, state, t.shape2d, tau, options.prox)
             work.update(index, "schedule", upd)
-        if plan is None or (plan.rank is None and plan.tau == 0):
+        projection = isinstance(options.prox, MatrixMap) and options.prox.levels  # ignores tau
+        if plan is None or (plan.rank is None and plan.tau == 0 and not projection):
             return None  # no prox, or tau = 0: the identity, left bit for bit
         weighting = None
         if self.distributed is None or self.distributed.owner(t) == self.distributed.rank:

@@ -427,7 +427,8 @@ class Schedule:
             soft = self.threshold == "soft"
             return Plan(0.0, SoftThreshold() if soft else HardThreshold(), rank), {}
         acc = state.get("tau_acc", 0.0) + tau * self.lam(n)
-        planned = Plan(acc, prox) if due and acc > 0 else None
+        own_level = projection and prox.levels  # a projection at its own level ignores tau
+        planned = Plan(acc, prox) if due and (acc > 0 or own_level) else None
         return planned, {"tau_acc": 0.0 if due else acc}
 
     # -- checkpoints -------------------------------------------------------------------------

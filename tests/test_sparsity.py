@@ -688,3 +688,20 @@ def test_projections_on_ties_zeros_and_extreme_scales(m, n, seed, scale, dtype):
         assert bool(torch.isfinite(X).all())
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(tt(X, zeros), X, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize(
+    "schedule", [None, proxrank.Schedule(lam=proxrank.schedules.Ramp(0.0, 1.0, 0, 4))]
+)
+def test_a_projection_ignores_a_zero_learning_rate(schedule):
+    """A projection at its own level does not read ``tau = lam * lr``: a step at ``lr = 0``
+    (a warm-up from zero) still projects (it was skipped as if it were the identity)."""
+    model = _mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    warmup = torch.optim.lr_scheduler.LambdaLR(base, lambda s: float(s > 0))
+    opt = proxrank.ProxRank(base, model, prox=Magnitude(0.25), schedule=copy.deepcopy(schedule))
+    assert opt.param_groups[0]["lr"] == 0
+    _train(model, opt, _batches(1))
+    for t in opt.targets:
+        assert int(torch.count_nonzero(t.param)) == math.ceil(0.25 * t.param.numel())
+    warmup.step()
