@@ -936,6 +936,30 @@ class DiagnosticsLogger:
         """Flush and release resources."""
 
 
+class _FileLogger(DiagnosticsLogger):
+    """A logger writing to the file ``path`` (created, or truncated, with its header). A copy
+    (``copy.deepcopy``, ``pickle``: of a ``ProxRank`` with diagnostics) appends to the same
+    file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open("w")
+
+    def _open(self, mode: str) -> None:
+        self._file = self.path.open(mode, newline="")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._open("a")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _layer_scalars(lay: LayerDiagnostics) -> dict[str, float]:
     skip = ("name", "shape", "step", "backend", "prox", "tt_ranks")
     return {
@@ -956,7 +980,7 @@ def _model_scalars(snap: ModelDiagnostics) -> dict[str, float]:
     }
 
 
-class CSVLogger(DiagnosticsLogger):
+class CSVLogger(_FileLogger):
     """One CSV row per matrix and logged step: ``step, layer``, the per-matrix figures, then the
     model-level ones, prefixed ``model_`` (repeated on every row of the step). Every column name
     is unique, so ``csv.DictReader`` reads each figure back under its own name."""
@@ -973,12 +997,11 @@ class CSVLogger(DiagnosticsLogger):
         "model_converged",
     )
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", newline="")
+    def _open(self, mode: str) -> None:
+        super()._open(mode)
         self._writer = csv.writer(self._file)
-        self._writer.writerow(("step", "layer", *self.LAYER_COLUMNS, *self.MODEL_COLUMNS))
+        if mode == "w":
+            self._writer.writerow(("step", "layer", *self.LAYER_COLUMNS, *self.MODEL_COLUMNS))
 
     def log(self, snap: ModelDiagnostics) -> None:
         tail = [
@@ -995,25 +1018,14 @@ class CSVLogger(DiagnosticsLogger):
             )
         self._file.flush()
 
-    def close(self) -> None:
-        self._file.close()
 
-
-class JSONLinesLogger(DiagnosticsLogger):
+class JSONLinesLogger(_FileLogger):
     """One JSON object per logged step: :meth:`ModelDiagnostics.to_dict` (NaN written as
     ``null``)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w")
 
     def log(self, snap: ModelDiagnostics) -> None:
         self._file.write(json.dumps(json_safe(snap.to_dict())) + "\n")
         self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def json_safe(obj: Any) -> Any:

@@ -36,7 +36,8 @@ def log_figures(snap: ModelDiagnostics, *, layers: bool = True) -> dict[str, flo
     """The figures the callback logs, under ``proxrank/...``: ``compression_ratio``,
     ``factorized_params``, ``loss`` and ``objective`` (when known), ``converged`` (0/1),
     ``not_converged`` (how many matrices fail the rule) and, with ``layers``, each matrix's
-    ``rank/<name>`` (counted with factorize's tolerance)."""
+    ``rank/<name>`` (counted with factorize's tolerance) or, for a map on the entries (no
+    rank), its ``sparsity/<name>`` (share of zero entries)."""
     out: dict[str, float] = {
         "proxrank/compression_ratio": snap.compression_ratio,
         "proxrank/factorized_params": float(snap.factorized_params),
@@ -48,13 +49,11 @@ def log_figures(snap: ModelDiagnostics, *, layers: bool = True) -> dict[str, flo
         if value is not None:
             out[f"proxrank/{key}"] = value
     if layers:
-        out.update(
-            {
-                f"proxrank/rank/{lay.name}": float(lay.rank)
-                for lay in snap.layers
-                if lay.rank is not None  # maps on the entries have no rank
-            }
-        )
+        for lay in snap.layers:  # maps on the entries have no rank: their sparsity
+            if lay.rank is not None:
+                out[f"proxrank/rank/{lay.name}"] = float(lay.rank)
+            else:
+                out[f"proxrank/sparsity/{lay.name}"] = lay.sparsity
     return out
 
 

@@ -313,8 +313,7 @@ class ProxRank(Optimizer):
         self._closed = False
         options = self._options()
         self._sync_input_hooks(options)
-        for rec, g in zip(self._records, self._group_index, strict=True):
-            _check_map(options[g].prox, rec.target, schedule)
+        self._check_maps(options)
         if schedule is not None:
             schedule.check(self.targets, [options[g].prox for g in self._group_index])
         #: Number of completed steps (base step + prox).
@@ -428,6 +427,11 @@ class ProxRank(Optimizer):
             self._group_options(g, f"param_groups[{i}]") for i, g in enumerate(self.param_groups)
         ]
 
+    def _check_maps(self, options: list[_Options]) -> None:
+        """Raise ``ValueError`` when a group's map cannot act on one of its matrices."""
+        for rec, g in zip(self._records, self._group_index, strict=True):
+            _check_map(options[g].prox, rec.target, self.schedule)
+
     def _refresh_targets(self) -> None:
         """One record per selected matrix the base optimizer trains, in its parameter order
         (records of matrices already known are kept)."""
@@ -459,6 +463,14 @@ class ProxRank(Optimizer):
                 "layers known when the ProxRank was built; build it with every param group"
             )
         self._init_group(param_group, where="param_group")
+        params = param_group["params"]
+        if not isinstance(params, Tensor | set):  # a generator is read once: keep its items
+            param_group["params"] = params = list(params)
+        ids = {id(p) for p in ([params] if isinstance(params, Tensor) else params)}
+        options = self._group_options(param_group, "param_group")
+        for t in self._candidates:  # before anything changes: the map fits every new matrix
+            if id(t.param) in ids:
+                _check_map(options.prox, t, self.schedule)
         self.optimizer.add_param_group(param_group)
         self._refresh_targets()
 
@@ -524,6 +536,8 @@ class ProxRank(Optimizer):
                 "cannot tell them apart (nothing was changed). Call loss.backward() and then "
                 "step() without a closure, or use tau_lr='current'"
             )
+        if closure is not None:  # the prox is prepared after the base step: check it first
+            self._check_maps(self._options())
         work = self._prepare(False, grad_scale) if closure is None else None
         restore = self._swap_in_latents(work) if work is not None else []
         try:
@@ -622,7 +636,7 @@ class ProxRank(Optimizer):
             with _naming("the schedule's allocation"):
                 for i, upd in enumerate(
                     self.schedule.prepare(
-                        work.step, self.targets, sched_states, proxes, self._spectra
+                        work.step, self.targets, sched_states, proxes, self._spectra, self._matrices
                     )
                 ):
                     work.update(i, "schedule", upd)
@@ -638,6 +652,16 @@ class ProxRank(Optimizer):
             return [spectrum(t, t.param) for t in targets]
         params = [t.param for t in targets]
         return self.distributed.on_owners(targets, params, lambda j, p: spectrum(targets[j], p))
+
+    def _matrices(self, targets: list[Target]) -> list[Tensor]:
+        """Each target's matrix (a magnitude budget's allocation), across ranks read whole on
+        its owner and shared."""
+        if self.distributed is None:
+            return [t.view.read(t.param.detach()) for t in targets]
+        params = [t.param for t in targets]
+        return self.distributed.on_owners(
+            targets, params, lambda j, p: targets[j].view.read(p.detach())
+        )
 
     def _add_jobs(self, work: _Work, active: list[int], options: list[_Options]) -> None:
         """The jobs of the ``active`` matrices. Across ranks a matrix's metric weighting is
@@ -708,7 +732,8 @@ class ProxRank(Optimizer):
             state = self._current(index, "schedule", work)
             plan, upd = self.schedule.plan(work.step, state, t.shape2d, tau, options.prox)
             work.update(index, "schedule", upd)
-        if plan is None or (plan.rank is None and plan.tau == 0):
+        projection = isinstance(options.prox, MatrixMap) and options.prox.levels  # ignores tau
+        if plan is None or (plan.rank is None and plan.tau == 0 and not projection):
             return None  # no prox, or tau = 0: the identity, left bit for bit
         weighting = None
         if self.distributed is None or self.distributed.owner(t) == self.distributed.rank:
@@ -852,10 +877,14 @@ class ProxRank(Optimizer):
         except (RuntimeError, ValueError) as err:
             index = getattr(err, "index", None)
             names = [r.name for r in records] if index is None else [records[index].name]
+            hint = (
+                f"Check the weights and the options of prox {first.prox.name!r}"
+                if isinstance(first.prox, MatrixMap)
+                else "Try backend='exact', or check the weights"
+            )
             raise type(err)(
                 f"the prox of {', '.join(map(repr, names))} failed after the base step (no prox "
-                f"was applied, nothing else changed): {err}. Try backend='exact', or check "
-                "the weights"
+                f"was applied, nothing else changed): {err}. {hint}"
             ) from err
         out = []
         for i, (job, Yi, state) in enumerate(zip(batch, Ys, states, strict=True)):

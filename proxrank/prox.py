@@ -145,6 +145,8 @@ class MatrixMap(abc.ABC):
 
 
 _SPECTRAL: dict[str, type[ProxMap]] = {"soft": SoftThreshold, "hard": HardThreshold}
+# maps given as objects are saved in the param groups: torch.load(weights_only=True) takes them
+torch.serialization.add_safe_globals([SoftThreshold, HardThreshold])
 
 
 def _known_maps() -> dict[str, type[ProxMap] | type[MatrixMap]]:

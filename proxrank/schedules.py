@@ -359,13 +359,16 @@ class Schedule:
         states: list[dict[str, Any]],
         proxes: list[ProxMap | MatrixMap] | None = None,
         spectra: Callable[[list[Target]], list[torch.Tensor]] | None = None,
+        matrices: Callable[[list[Target]], list[torch.Tensor]] | None = None,
     ) -> list[dict[str, Any]]:
         """At the first step past warm-up, each matrix's final rank or level
         (``{"final_rank": r}``, saved in ``state_dict``): from ``target``, or by allocating
         ``budget`` across layers, from the spectra ``spectra(targets)`` (default:
         :func:`spectrum` of each parameter, in this process; the optimizer passes one that
         shares the work across ranks) or, for magnitude projections, by one global magnitude
-        threshold. ``proxes``: each target's map (default: spectral). Returns the updates per
+        threshold over the matrices ``matrices(targets)`` (default: each read from its parameter
+        in this process; the optimizer passes one that reads a sharded parameter whole on its
+        owner). ``proxes``: each target's map (default: spectral). Returns the updates per
         matrix (empty when there is nothing to fix); reads ``states`` (the schedule's state of
         each target) only."""
         none: list[dict[str, Any]] = [{} for _ in targets]
@@ -386,7 +389,11 @@ class Schedule:
                 out.append({} if "final_rank" in st else {"final_rank": r})
             return out
         if all(isinstance(p, Magnitude) for p in proxes):
-            weights = [t.view.read(t.param.detach()) for t in targets]
+            weights = (
+                [t.view.read(t.param.detach()) for t in targets]
+                if matrices is None
+                else matrices(targets)
+            )
             return [{"final_rank": k} for k in global_magnitude_levels(weights, self.budget)]
         if self.allocation == "uniform":
             return [
@@ -428,9 +435,9 @@ class Schedule:
         phase = self.phase(n)
         if phase == "warmup":
             return None, {}
-        k = _full_level(prox, shape2d)
         projection = isinstance(prox, MatrixMap)  # a projection: it keeps its own kind
         if phase == "freeze":
+            k = _full_level(prox, shape2d)
             rank = state.get("final_rank", state.get("rank", k))
             if rank >= k:
                 return None, {}
@@ -439,6 +446,7 @@ class Schedule:
         if self.has_rank:
             if not due:
                 return None, {}
+            k = _full_level(prox, shape2d)
             rank = self.rank_at(n, k, state["final_rank"])
             if rank >= k:
                 return None, {}
@@ -447,7 +455,8 @@ class Schedule:
             soft = self.threshold == "soft"
             return Plan(0.0, SoftThreshold() if soft else HardThreshold(), rank), {}
         acc = state.get("tau_acc", 0.0) + tau * self.lam(n)
-        planned = Plan(acc, prox) if due and acc > 0 else None
+        own_level = projection and prox.levels  # a projection at its own level ignores tau
+        planned = Plan(acc, prox) if due and (acc > 0 or own_level) else None
         return planned, {"tau_acc": 0.0 if due else acc}
 
     # -- checkpoints -------------------------------------------------------------------------

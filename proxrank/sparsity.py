@@ -83,14 +83,22 @@ class GroupLasso(MatrixMap):
     def _dim(self) -> int:
         return -1 if self.axis == "rows" else -2
 
+    def _norms(self, W: Tensor, keepdim: bool) -> Tensor:
+        """Each group's 2-norm, computed as ``a ||w / a||`` with ``a = max |w|``: the squares of
+        tiny (huge) entries would underflow (overflow) in ``W``'s dtype."""
+        a = W.abs().amax(dim=self._dim(), keepdim=True)
+        a = torch.where(a > 0, a, 1)
+        norm = a * torch.linalg.vector_norm(W / a, dim=self._dim(), keepdim=True)
+        return norm if keepdim else norm.squeeze(self._dim())
+
     def __call__(self, W: Tensor, tau: Tensor, level: int | None = None) -> Tensor:
-        norm = torch.linalg.vector_norm(W, dim=self._dim(), keepdim=True)
+        norm = self._norms(W, keepdim=True)
         t = _tau(tau, W)
         scale = torch.where(norm > t, 1 - t / torch.where(norm > 0, norm, 1), 0)
         return W * scale
 
     def regularizer(self, X: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(X, dim=self._dim()).sum()
+        return self._norms(X, keepdim=False).sum()
 
     def stored_size(self, X: Tensor, level: int | None) -> Tensor:
         """Entries of the kept groups: the dense matrix without its zero rows (columns)."""
@@ -178,3 +186,4 @@ class NM(MatrixMap):
 
 #: The sparsity maps by name, as :func:`proxrank.prox.get_prox` resolves them.
 SPARSITY_MAPS: dict[str, type[MatrixMap]] = {m.name: m for m in (L1, GroupLasso, Magnitude, NM)}
+torch.serialization.add_safe_globals(list(SPARSITY_MAPS.values()))  # saved in param groups

@@ -254,3 +254,6 @@ class TTRound(MatrixMap):
         shape = (X.shape[-2], X.shape[-1])
         size = tt_parameters(*self.layout(shape), self.tt_ranks(shape, level))
         return torch.tensor(size, device=X.device)
+
+
+torch.serialization.add_safe_globals([TTRound])  # saved in param groups

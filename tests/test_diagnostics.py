@@ -758,3 +758,52 @@ def test_trainer_callback_logs_diagnostics_and_loss(tmp_path):
     bare = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1)
     with pytest.raises(ValueError, match="diagnostics=True"):
         ProxRankCallback(bare)
+
+
+def test_an_optimizer_with_file_loggers_copies_and_pickles(tmp_path):
+    """``copy.deepcopy`` / ``pickle`` of a ProxRank whose diagnostics log to files: the copy
+    appends to the same files (no second header) and the original keeps logging."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    loggers = [proxrank.CSVLogger(tmp_path / "d.csv"), proxrank.JSONLinesLogger(tmp_path / "d.jl")]
+    diag = proxrank.Diagnostics(loggers=loggers, log_every=1)
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, prox="l1", diagnostics=diag
+    )
+
+    def step(o):
+        o.zero_grad()
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+        o.step()
+
+    step(opt)
+    copies = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]  # with copies of the weights
+    step(opt)
+    for o in copies:
+        o.step()  # the copied gradients
+    with open(tmp_path / "d.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "1", "2", "2", "2", "2", "2", "2"]
+    lines = (tmp_path / "d.jl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 2, 2]
+
+
+def test_log_figures_gives_ranks_or_the_sparsity_of_maps_on_the_entries():
+    pytest.importorskip("transformers")
+    from proxrank.hf import log_figures
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    groups = [
+        {"params": model[0].parameters(), "prox": proxrank.sparsity.Magnitude(0.25)},
+        {"params": model[2].parameters()},
+    ]
+    opt = proxrank.ProxRank(torch.optim.SGD(groups, lr=0.1), model, lam=0.1, diagnostics=True)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    figures = log_figures(opt.diagnostics())
+    assert figures["proxrank/sparsity/0.weight"] == 0.75
+    assert "proxrank/rank/2.weight" in figures and "proxrank/rank/0.weight" not in figures

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import multiprocessing
 import os
 import queue
@@ -167,7 +168,8 @@ def _reference_run(
 def _whole_runs() -> dict[str, dict[str, Any]]:
     """What needs whole matrices under FSDP2, each run for ``WHOLE_STEPS`` steps: metrics that
     read gradients or the base optimizer's state, diagnostics, a budget's spectra (and a
-    closure: the gradients exist only after the base step, the loss comes from it)."""
+    closure: the gradients exist only after the base step, the loss comes from it), the l1
+    and group-lasso maps, a magnitude budget."""
     return {
         "fisher": dict(lam=LAM, metric="fisher", diagnostics=True, backend="exact"),
         "two_sided": dict(
@@ -175,6 +177,13 @@ def _whole_runs() -> dict[str, dict[str, Any]]:
         ),
         "adam": dict(lam=LAM, metric="adam", backend="exact"),
         "budget": dict(schedule=_budget(), diagnostics=True, backend="exact"),
+        # maps on the entries: each whole matrix on its owner, the same zeros on every rank
+        "l1": dict(lam=LAM, prox="l1", diagnostics=True),
+        "group": dict(lam=2 * LAM, prox="group", diagnostics=True),
+        # one global magnitude threshold over matrices read whole on their owners
+        "magnitude_budget": dict(
+            prox="magnitude", schedule=proxrank.Schedule(budget=0.3, ramp_end=2), diagnostics=True
+        ),
     }
 
 
@@ -708,6 +717,10 @@ def test_fsdp2_shards_the_prox_and_resumes_from_a_distributed_checkpoint(tmp_pat
             assert repr(r0[name + "_diagnostics"]) == repr(r1[name + "_diagnostics"])
             assert r0[name + "_diagnostics"]["loss"] is not None  # the ranks' mean
             _close_diagnostics(r0[name + "_diagnostics"], opt.diagnostics().to_dict())
+    for name in ("l1", "group"):  # the maps zeroed rows (units): no silent identity
+        assert any((w == 0).all(axis=-1).any() for w in r0[name] if w.ndim == 2), name
+    kept = sum(int((w != 0).sum()) for w in r0["magnitude_budget"] if w.ndim == 2)
+    assert kept == math.ceil(0.3 * sum(w.size for w in r0["magnitude_budget"] if w.ndim == 2))
     ranks = [int(r) for r in r0["budget_state"][-4:]]
     assert any(0 <= r < k for r, k in zip(ranks, (12, 24, 24, 7), strict=True)), ranks
     for where, message in (("grad", "no gradient statistic here"), ("weighting", "no weighting")):

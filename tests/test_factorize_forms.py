@@ -192,7 +192,7 @@ def test_factorize_sparse_csr_and_the_notes_when_dense():
     ("kwargs", "error", "words"),
     [
         ({"tt": {"2": ((2, 5), (4, 5))}}, ValueError, "not a TT-matrix layout"),
-        ({"tt": {"1": ((1,), (1,))}}, ValueError, "not a selected nn.Linear"),
+        ({"tt": {"1": ((1,), (1,))}}, ValueError, "TT form is for nn.Linear layers"),
         ({"tt": {"0.weight": ((5, 12), (24,))}}, ValueError, "equal length"),
         ({"tt": "yes"}, TypeError, "mapping"),
         ({"sparse": "coo"}, ValueError, "sparse must be"),
@@ -226,6 +226,10 @@ def test_tt_and_csr_layers_save_and_reload():
     x = torch.randn(3, 24)
     assert isinstance(again[0], TTLinear) and isinstance(again[2], SparseLinear)
     assert torch.equal(again(x), small(x))
+    # the cores are row-major, as reloaded: the same sums, bit for bit, on every input
+    assert all(G.is_contiguous() for G in small[0].cores)
+    x3 = torch.randn(2, 5, 24)
+    assert torch.equal(again(x3), small(x3))
     buf = io.BytesIO()
     torch.save(small, buf)
     buf.seek(0)

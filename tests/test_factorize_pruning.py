@@ -4,6 +4,7 @@ alone with the reason."""
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 
@@ -396,6 +397,7 @@ def conv_chains(draw):
         "relu": nn.ReLU,
         "maxpool": lambda: nn.MaxPool2d(2),
         "avgpool": lambda: nn.AvgPool2d(2),
+        "sumpool": lambda: nn.AvgPool2d(2, divisor_override=1),
         "tanh": nn.Tanh,
     }
     between = [mids[k]() for k in draw(st.lists(st.sampled_from(sorted(mids)), max_size=3))]
@@ -432,3 +434,61 @@ def test_random_conv_chains_keep_outputs_and_remove_exactly_the_removable(model)
     removable = ignored | (dead & ((value == 0) | exact_fold))
     assert small[0].out_channels == small[-1].in_channels == max(int((~removable).sum()), 1)
     assert n_params(small) == summary.model_params_after
+
+
+@pytest.mark.parametrize(
+    ("conv", "pool", "size"),
+    [
+        (nn.Conv2d, nn.AvgPool2d((2, 3), divisor_override=2), (6, 6)),
+        (nn.Conv3d, nn.AvgPool3d(2, divisor_override=3), (4, 4, 4)),
+    ],
+)
+def test_average_pool_with_a_divisor_scales_the_folded_constant(conv, pool, size):
+    """A pool with ``divisor_override`` outputs a window's sum over the divisor: a dead
+    channel's constant ``c`` becomes ``c * (kernel entries) / divisor`` before the fold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), pool, conv(4, 3, 1))
+    model = model.double().eval()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+        model[0].bias[1] = 0.7
+    small, _ = factorize(model, min_saving=0.99)
+    assert small[0].out_channels == 3
+    x = torch.randn(2, 2, *size, dtype=torch.float64)
+    with torch.no_grad():
+        assert close(small(x), model(x))
+
+
+def test_inplace_with_failing_example_inputs_leaves_the_model_unchanged():
+    """``inplace=True`` prunes the model itself: example inputs its forward rejects are found
+    before any unit is removed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[0].weight[1] = 0
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError):
+        factorize(model, inplace=True, example_inputs=torch.randn(2, 7, dtype=torch.float64))
+    assert model[0].out_features == 5 and model[2].in_features == 5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    small, _ = factorize(model, inplace=True, example_inputs=torch.randn(2, 6, dtype=torch.float64))
+    assert small is model and model[0].out_features == 4
+
+
+@settings(max_examples=20, deadline=None)
+@given(model=chains(), seed=st.integers(0, 1))
+def test_training_mode_chains_keep_the_mode_and_the_original(model, seed):
+    """A model in training mode: the original is left as it was (a forward on the example
+    inputs runs in eval mode), the result keeps the mode, its eval-mode outputs equal the
+    original's, and so do its training-mode outputs where no BatchNorm or dropout lies in a
+    chain (through BatchNorm, batch statistics map a constant unit to the norm's shift)."""
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(3, model[0].in_features, dtype=torch.float64)
+    small, _ = factorize(model, min_saving=0.99, example_inputs=x[:1] if seed else None)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.training and small.training
+    with torch.no_grad():
+        if not any(isinstance(m, nn.BatchNorm1d | nn.Dropout) for m in model.modules()):
+            assert close(small(x), model(x))
+        assert close(small.eval()(x), model.eval()(x))

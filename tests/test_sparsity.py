@@ -540,7 +540,168 @@ def test_a_failing_map_writes_nothing_and_names_the_weights():
         F.mse_loss(net(x), y).backward()
     torch.optim.SGD(bare.parameters(), lr=lr).step()
     expected = list(bare.parameters())
-    with pytest.raises(RuntimeError, match="'4.weight' failed after the base step.*no luck"):
+    with pytest.raises(
+        RuntimeError, match="'4.weight' failed after the base step.*no luck.*options of prox 'l1'"
+    ):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(expected, model.parameters(), strict=True))
     assert opt.step_count == 0 and opt.tracker.state_dict()["layers"] == {}
+
+
+@pytest.mark.parametrize(("prox", "reference"), [("l1", ref_l1), ("group", ref_group)])
+def test_penalty_with_a_strength_schedule_is_the_textbook_step(prox, reference):
+    """A penalty under a schedule without a level (warm-up, a ``lam`` ramp, ``every=2``): the
+    textbook soft threshold by the accumulated ``tau`` on the steps due (``plan`` asked a
+    penalty for its full level and raised at the first step)."""
+    lr, lam = 0.1, 0.5
+    sched = proxrank.Schedule(lam=proxrank.schedules.Ramp(0.0, 1.0, 1, 5), warmup=1, every=2)
+    model, ref = _mlp(), _mlp()
+    opt = proxrank.ProxRank(
+        torch.optim.SGD(model.parameters(), lr=lr), model, lam=lam, prox=prox, schedule=sched
+    )
+    acc = 0.0
+    for n, (x, y) in enumerate(_batches(6), start=1):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        ref.zero_grad()
+        F.mse_loss(ref(x), y).backward()
+        acc += 0.0 if n <= 1 else lr * lam * sched.lam(n)
+        due = n > 1 and (n - 1) % 2 == 0
+        with torch.no_grad():
+            for p in ref.parameters():
+                W = (p - lr * p.grad).numpy()
+                p.copy_(torch.from_numpy(reference(W, acc) if p.dim() == 2 and due else W))
+        acc = 0.0 if due else acc
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=0, atol=1e-14)
+
+
+@given(
+    matrices(batch=True),
+    st.sampled_from([1e-30, 1e-20, 1e20, 1e30]),
+    st.sampled_from([0.1, 0.9, 1.1]),
+    axes,
+)
+def test_group_lasso_in_float32_with_tiny_and_huge_entries(W, scale, ratio, axis):
+    """Float32 groups whose squares underflow (overflow) still get the float64 reference's
+    threshold (``tau`` near the groups' median norm; the norm of the squares made them all 0,
+    or left them as they were)."""
+    W32 = (W * scale).float()
+    norms = np.linalg.norm(W32.double().numpy(), axis=_dim(axis))  # float64: no underflow
+    tau = ratio * float(np.median(norms))
+    X = GroupLasso(axis)(W32, torch.full((W.shape[0],), tau))
+    for i in range(W.shape[0]):
+        expected = ref_group(W32[i].double().numpy(), tau, axis)
+        np.testing.assert_allclose(X[i].double().numpy(), expected, rtol=1e-5, atol=0)
+    assert torch.isfinite(GroupLasso(axis).regularizer(W32[0]))
+
+
+def test_map_errors_with_a_closure_and_in_add_param_group_change_nothing():
+    """A map that cannot act on a matrix is refused before the base step when ``step`` has a
+    closure (its prox is prepared after the base step), and by ``add_param_group`` before the
+    group is added."""
+    model = _mlp()
+    x, y = _batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, prox="l1")
+    before = [p.detach().clone() for p in model.parameters()]
+    for prox, metric, match in (
+        (NM(2, 8), "euclidean", "'2.weight'.*multiple of 8"),
+        ("group", "fisher", r"param_groups\[0\].*'group'.*euclidean"),
+    ):
+        opt.param_groups[0]["prox"], opt.param_groups[0]["metric"] = prox, metric
+        with pytest.raises(ValueError, match=match):
+            opt.step(closure)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        assert opt.step_count == 0
+
+    extra = nn.Linear(6, 5).double()
+    both = nn.ModuleDict({"a": model, "b": extra})
+    opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), both, lam=0.1)
+    with pytest.raises(ValueError, match="'b.weight'.*multiple of 4"):
+        opt.add_param_group({"params": extra.parameters(), "prox": NM(2, 4)})
+    assert len(opt.param_groups) == 1 and len(opt.matrices()) == 3
+    with pytest.raises(TypeError, match="ordered collections"):  # torch's own check stays
+        opt.add_param_group({"params": set(extra.parameters()), "prox": "l1"})
+    opt.add_param_group({"params": extra.parameters(), "prox": "l1"})
+    assert len(opt.matrices()) == 4
+
+
+@pytest.mark.parametrize(
+    "prox",
+    [
+        GroupLasso("columns"),
+        Magnitude(0.5),
+        NM(2, 4),
+        TTRound(ranks=2, d=2),
+        proxrank.prox.HardThreshold(),
+    ],
+)
+def test_checkpoint_with_a_map_object_loads_with_weights_only(prox, tmp_path):
+    """A map given as an object is saved in the param groups; ``torch.load``'s default
+    (``weights_only=True``) reads it back, equal to the map."""
+    model = _mlp()
+    opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.1), model, lam=0.1, prox=prox)
+    _train(model, opt, _batches(1))
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert saved["param_groups"][0]["prox"] == prox
+    opt.load_state_dict(saved)
+    assert opt.step_count == 1
+
+
+@given(
+    st.integers(1, 5),
+    st.integers(1, 8),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([0.0, 1e-30, 1.0, 1e30]),
+    st.sampled_from([torch.float32, torch.float64]),
+)
+def test_projections_on_ties_zeros_and_extreme_scales(m, n, seed, scale, dtype):
+    """Entries in {-1, 0, 1} (many ties) times ``scale``: magnitude keeps at most ``k`` entries,
+    exactly, none smaller than one it drops; N:M likewise per run; TT rounding is finite and
+    idempotent; each projection idempotent."""
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randint(-1, 2, (2, m, 4 * n), generator=g).to(torch.float64) * scale).to(dtype)
+    zeros = torch.zeros(2, dtype=dtype)
+    for prox, runs in ((Magnitude(0.3), 4 * m * n), (NM(2, 4), 4)):
+        X = prox(W, zeros)
+        w, x = W.reshape(2, -1, runs), X.reshape(2, -1, runs)
+        k = math.ceil(0.3 * runs) if isinstance(prox, Magnitude) else 2
+        assert bool((torch.count_nonzero(x, dim=-1) <= k).all())
+        kept = x != 0
+        assert torch.equal(x[kept], w[kept])
+        smallest_kept = torch.where(kept, w.abs(), math.inf).amin(dim=-1, keepdim=True)
+        largest_dropped = torch.where(kept, -math.inf, w.abs()).amax(dim=-1, keepdim=True)
+        assert bool((largest_dropped <= smallest_kept).all())
+        assert torch.equal(prox(X, zeros), X)
+    tt = TTRound(ranks=1, d=2)
+    if W.shape[-1] > 1 or W.shape[-2] > 1:
+        X = tt(W, zeros)
+        assert bool(torch.isfinite(X).all())
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(tt(X, zeros), X, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize(
+    "schedule", [None, proxrank.Schedule(lam=proxrank.schedules.Ramp(0.0, 1.0, 0, 4))]
+)
+def test_a_projection_ignores_a_zero_learning_rate(schedule):
+    """A projection at its own level does not read ``tau = lam * lr``: a step at ``lr = 0``
+    (a warm-up from zero) still projects (it was skipped as if it were the identity)."""
+    model = _mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    warmup = torch.optim.lr_scheduler.LambdaLR(base, lambda s: float(s > 0))
+    opt = proxrank.ProxRank(base, model, prox=Magnitude(0.25), schedule=copy.deepcopy(schedule))
+    assert opt.param_groups[0]["lr"] == 0
+    _train(model, opt, _batches(1))
+    for t in opt.targets:
+        assert int(torch.count_nonzero(t.param)) == math.ceil(0.25 * t.param.numel())
+    warmup.step()

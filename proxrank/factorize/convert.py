@@ -579,8 +579,9 @@ def _check_forms(
     for key, layout in tt.items():
         if key not in linears:
             raise ValueError(
-                f"tt names {key!r}, which is not a selected nn.Linear weight (or its layer); "
-                f"selected: {sorted(linears)}"
+                f"tt names {key!r}, which is not a selected nn.Linear weight (or its layer): "
+                "the TT form is for nn.Linear layers (others get the dense or low-rank form); "
+                f"selected nn.Linear: {sorted(linears)}"
             )
         m, n = linears[key]
         ok = isinstance(layout, Sequence) and len(layout) == 2
@@ -716,6 +717,8 @@ def factorize(
     _check_forms(model, select_targets(model, include, exclude), prune, tt, sparse)
     if not inplace:
         model = copy.deepcopy(model)
+    elif example_inputs is not None and prune:  # inputs that fail fail before pruning
+        _record_positions(model, [], example_inputs)
     summary = FactorizeSummary(model_params_before=_count_params(model))
     targets = select_targets(model, include, exclude)
     pruning = None

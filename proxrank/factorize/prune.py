@@ -16,11 +16,12 @@ the norms, column ``j`` of ``C``) when
   zeros (its padded border would see ``0``, not ``c_j``); otherwise the unit stays.
 
 The result computes the same function (eval mode, to rounding; removing units whose value is
-zero is exact in training mode too). Everything else stays as it is, with the reason: a unit
-at the input of the first layer or the output of the last (the model's interface), units
-before a module that mixes them (``LayerNorm``, attention, an unknown module), layers or
-weights used in several places, grouped convolutions, layers with hooks. At least one unit of
-each layer is kept.
+zero is exact in training mode too, but for a unit that passes a ``BatchNorm``: there batch
+statistics map a constant channel to the norm's shift ``beta_j``, not to ``c_j``).
+Everything else stays as it is, with the reason: a unit at the input of the first layer or
+the output of the last (the model's interface), units before a module that mixes them
+(``LayerNorm``, attention, an unknown module), layers or weights used in several places,
+grouped convolutions, layers with hooks. At least one unit of each layer is kept.
 
 Assumed, as for any ``nn.Sequential``: its modules are called only through it (a model whose
 own ``forward`` also calls ``seq[0]`` directly, or reads its sizes, is not seen as such), and a
@@ -192,6 +193,10 @@ def _constants(mod: nn.Module, known: Tensor, value: Tensor) -> tuple[Tensor, Te
         return known, value
     if type(mod) in _AVG_POOLS and (mod.ceil_mode or any(_tuple(mod.padding))):
         return known & (value == 0), value  # zeros padded in: only 0 stays a constant
+    divisor = getattr(mod, "divisor_override", None)  # a window's sum over it, not its mean
+    if type(mod) in _AVG_POOLS and divisor:
+        k, dims = _tuple(mod.kernel_size), _AVG_POOLS.index(type(mod)) + 1
+        return known, value * (math.prod(k) if len(k) == dims else k[0] ** dims) / divisor
     return known, value
 
 

@@ -89,7 +89,9 @@ class TTLinear(nn.Module):
         self.col_shape = tuple(int(s) for s in col_shape)
         self.in_features = math.prod(self.col_shape)
         self.out_features = math.prod(self.row_shape)
-        self.cores = nn.ParameterList([nn.Parameter(G.detach().clone()) for G in cores])
+        self.cores = nn.ParameterList(  # row-major, as a reloaded state dict: the same sums
+            [nn.Parameter(G.detach().clone(memory_format=torch.contiguous_format)) for G in cores]
+        )
         self.register_buffer("tt_shape", torch.tensor([self.row_shape, self.col_shape]))
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(
