@@ -281,3 +281,22 @@ def test_describe_and_matrices_are_read_only_views():
         info.backend_state["basis"] = torch.zeros(1)  # type: ignore[index]
     with pytest.raises(KeyError, match="no selected matrix is called 'nope'"):
         opt.matrix("nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, None])
+def test_finite_check_flags_exactly_the_non_finite_gradients(dtype, bad):
+    """The finite check sums each tensor first: entries whose sum overflows (finite, huge) are
+    not flagged, any inf/NaN entry is, in every floating dtype."""
+    model = mlp().to(dtype)
+    opt = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.0), model, lam=1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    huge = torch.finfo(dtype).max
+    model[2].weight.grad.fill_(huge)  # finite; its sum overflows
+    if bad is not None:
+        model[2].weight.grad[3, 5] = bad
+        with pytest.raises(FloatingPointError, match="gradient of '2.weight' is not finite"):
+            opt.step()
+    else:
+        opt.step()  # lr = 0: the identity, no error
