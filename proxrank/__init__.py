@@ -21,7 +21,7 @@ from .metrics import ActivationMetric, FisherMetric, Metric
 from .optimizer import ProxRank
 from .schedules import Ramp, Schedule
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ActivationMetric",
