@@ -22,6 +22,7 @@ threshold, total rank, loss and accuracy against the step) to ``--figure``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -112,9 +113,11 @@ def run(semantics: str | None, lam: float, args, Xtr, ytr, Xte, yte) -> dict:
 
 
 def summary(name: str, lam: float | None, rec: dict, tail: int) -> dict:
-    """End figures: final rate, threshold and ranks, the largest total rank over the run,
-    the mean batch loss over the last ``tail`` steps, the final test accuracy."""
+    """End figures: final rate, threshold and ranks, the smallest total rank over the run and
+    the largest rise of the total rank above its running minimum (ranks climbing back), the
+    mean batch loss over the last ``tail`` steps, the final test accuracy."""
     totals = [sum(r) for r in rec["ranks"]]
+    lows = itertools.accumulate(totals, min)
     return {
         "lam": lam,
         "tau_lr": name,
@@ -123,6 +126,7 @@ def summary(name: str, lam: float | None, rec: dict, tail: int) -> dict:
         "ranks_end": rec["ranks"][-1] if rec["ranks"] else None,
         "rank_min": min(totals) if totals else None,
         "rank_end": totals[-1] if totals else None,
+        "rank_climb": max((t - low for t, low in zip(totals, lows, strict=True)), default=None),
         "loss_end": sum(rec["loss"][-tail:]) / len(rec["loss"][-tail:]),
         "acc_end": rec["acc"][-1],
     }
@@ -133,14 +137,14 @@ def table(rows: list[dict], args) -> str:
         f"MLP 64-{args.hidden}-{args.hidden}-10 on digits, AdamW lr {args.lr:g}, "
         f"{args.warmup:.0%} warm-up + cosine to ~0, {args.epochs} epochs",
         "",
-        "| lam | tau_lr | final lr | final tau | min total rank | final ranks (total) "
+        "| lam | tau_lr | final lr | final tau | min total rank | rank climb | final ranks (total) "
         "| train loss (last epoch) | test acc |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ranks = "-" if r["ranks_end"] is None else f"{r['ranks_end']} ({r['rank_end']})"
         tau = "-" if r["tau_end"] is None else f"{r['tau_end']:.3g}"
-        low = "-" if r["rank_min"] is None else str(r["rank_min"])
+        low = "- | -" if r["rank_min"] is None else f"{r['rank_min']} | {r['rank_climb']}"
         lam = "-" if r["lam"] is None else f"{r['lam']:g}"
         lines.append(
             f"| {lam} | {r['tau_lr']} | {r['lr_end']:.2g} | {tau} | {low} | {ranks} "
