@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.proxrank-installed
 
-.PHONY: test demo bench bench-zero-shot bench-schedules bench-distributed bench-recovery bench-lm bench-pruning lint clean
+.PHONY: test demo bench bench-zero-shot bench-schedules bench-distributed bench-recovery bench-lm bench-pruning bench-threshold lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-lm: $(STAMP)
 # digits MLP: dense vs ProxRank vs NN-BCD (tensor-train, pruning): accuracy, size, time
 bench-pruning: $(STAMP)
 	$(PY) benchmarks/pruning_tt.py
+
+# tau_lr = current / initial / cumulative under warm-up + cosine decay: lr, tau, rank, accuracy
+bench-threshold: $(STAMP)
+	$(PY) benchmarks/threshold_semantics.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
