@@ -283,9 +283,11 @@ def method_run(name: str, dense: nn.Module, cfg: dict, budget: float, data: Data
 
 def tt_rank(model: nn.Module, tt: TTRound, budget: float) -> int:
     """The largest bond rank ``r`` whose TT cores (``tt``'s layout, every bond capped at ``r``)
-    hold at most ``budget`` of the selected weight matrices' entries (at least 1)."""
-    _, summary = proxrank.factorize(model)
-    shapes = [lay.shape for lay in summary.layers]
+    hold at most ``budget`` of the entries of the matrices ProxRank selects (GPT-2's fused
+    ``c_attn`` as three ``d x d`` blocks, as the prox sees it; at least 1)."""
+    probe = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.0), model, lam=1.0)
+    shapes = [info.shape for info in probe.matrices()]
+    probe.close()
 
     def size(r: int) -> int:
         return sum(tt_parameters(*tt.layout(s), tt.tt_ranks(s, r)) for s in shapes)
