@@ -27,7 +27,15 @@ more steps from that checkpoint (equal total steps ``pretrain + steps``), at eac
   end, then :func:`proxrank.factorize`; ``+ latent`` with ``tau_lr="cumulative"``: the base
   optimizer updates a latent copy of each matrix and the weights are its projections (dual
   averaging). Their peak rate is ``--ramp_lr`` (5e-4; the others' 1e-3): AdamW on full matrices
-  followed by a projection moves the weights more per step than AdamW on the factors.
+  followed by a projection moves the weights more per step than AdamW on the factors;
+* ``magnitude-ramp`` / ``tt-ramp`` (issue 16): the same ramp with the entry maps:
+  ``prox="magnitude"``, ``Schedule(target=budget, ramp="cubic")`` (gradual magnitude pruning to
+  ``budget`` of each matrix's entries), or ``prox=TTRound()`` (default TT-matrix layout, 3
+  modes) with ``Schedule(target=r)``, ``r`` the largest bond rank whose TT cores hold at most
+  ``budget`` of the selected weights (:func:`tt_rank`); at ``--ramp_lr``. GPT-2's ``Conv1D``
+  layers are not converted by ``factorize(sparse="csr" | tt=True)`` (``nn.Linear`` only), so
+  "kept" counts the stored size the diagnostics report (nonzero values without their CSR
+  indices; TT cores) plus the biases, and the loss is the pruned / TT-rounded dense model's.
 
 Per method and budget: the median validation loss over seeds with its spread (min-max), the
 weight-matrix parameters kept (% of dense), wall time, and the share of the wall time spent in
@@ -52,6 +60,7 @@ import transformers
 from torch import nn
 
 import proxrank
+from proxrank.tt import TTRound, tt_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The full run (scaled down from the issue's 600 steps of 16 x 128 so that it stays under about
@@ -253,10 +262,38 @@ def method_run(name: str, dense: nn.Module, cfg: dict, budget: float, data: Data
         opt.close()
         kept = matrix_params(model)[1]
         model, _ = proxrank.factorize(model)
+    elif name in ("magnitude-ramp", "tt-ramp"):
+        prox = "magnitude" if name == "magnitude-ramp" else TTRound()
+        target = budget if name == "magnitude-ramp" else tt_rank(model, prox, budget)
+        sched = proxrank.Schedule(target=target, ramp="cubic", ramp_end=round(cfg["ramp"] * steps))
+        base = torch.optim.AdamW(model.parameters(), lr=cfg["ramp_lr"])
+        opt = proxrank.ProxRank(base, model, prox=prox, schedule=sched, diagnostics=True)
+        timing = train(model, opt, steps, batches)
+        snap = opt.diagnostics()
+        opt.close()
+        biases = full - sum(lay.dense_params for lay in snap.layers)
+        kept = _selected_factorized(snap) + biases
+        if name == "tt-ramp":
+            row["tt_rank"] = target
     else:  # pragma: no cover - the method list is fixed below
         raise ValueError(name)
     row.update(timing, val=val_loss(model, data), kept=kept / full)
     return row
+
+
+def tt_rank(model: nn.Module, tt: TTRound, budget: float) -> int:
+    """The largest bond rank ``r`` whose TT cores (``tt``'s layout, every bond capped at ``r``)
+    hold at most ``budget`` of the entries of the matrices ProxRank selects (GPT-2's fused
+    ``c_attn`` as three ``d x d`` blocks, as the prox sees it; at least 1)."""
+    probe = proxrank.ProxRank(torch.optim.SGD(model.parameters(), lr=0.0), model, lam=1.0)
+    shapes = [info.shape for info in probe.matrices()]
+    probe.close()
+
+    def size(r: int) -> int:
+        return sum(tt_parameters(*tt.layout(s), tt.tt_ranks(s, r)) for s in shapes)
+
+    limit = budget * sum(m * n for m, n in shapes)
+    return max([1, *(r for r in range(1, max(map(tt.full_level, shapes)) + 1) if size(r) <= limit)])
 
 
 def _selected_factorized(snap: proxrank.diagnostics.ModelDiagnostics) -> int:
@@ -273,6 +310,8 @@ METHODS = (
     "schedule-hard",
     "ramp-hard",
     "ramp-hard + latent",
+    "magnitude-ramp",
+    "tt-ramp",
 )
 
 
