@@ -487,7 +487,8 @@ class Engine:
     def _broadcast(
         self, src: int, tensors: list[Tensor] | None, meta: list[tuple[torch.dtype, tuple]]
     ) -> tuple[list[Tensor], int]:
-        """Rank ``src``'s tensors on every rank: one broadcast per dtype."""
+        """Rank ``src``'s tensors on every rank: one broadcast per dtype (``src`` keeps its
+        own tensors: the bytes it sent are theirs)."""
         out: list[Tensor] = [torch.empty(0)] * len(meta)
         nbytes = 0
         for dtype, idx in _by_dtype(meta).items():
@@ -499,9 +500,10 @@ class Engine:
             if buf.numel():
                 dist.broadcast(buf, dist.get_global_rank(self.group, src), group=self.group)
             nbytes += buf.numel() * buf.element_size()
-            for i, piece in zip(idx, buf.split(sizes), strict=True):
-                out[i] = piece.reshape(meta[i][1]).clone()  # state must not pin the buffer
-        return out, nbytes
+            if tensors is None:
+                for i, piece in zip(idx, buf.split(sizes), strict=True):
+                    out[i] = piece.reshape(meta[i][1]).clone()  # state must not pin the buffer
+        return (out if tensors is None else list(tensors)), nbytes
 
     # -- sharded tensors -------------------------------------------------------------------
     def _padded(self, p: Tensor, rows: Tensor) -> Tensor:
