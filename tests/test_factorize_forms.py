@@ -192,7 +192,7 @@ def test_factorize_sparse_csr_and_the_notes_when_dense():
     ("kwargs", "error", "words"),
     [
         ({"tt": {"2": ((2, 5), (4, 5))}}, ValueError, "not a TT-matrix layout"),
-        ({"tt": {"1": ((1,), (1,))}}, ValueError, "TT form is for nn.Linear layers"),
+        ({"tt": {"1": ((1,), (1,))}}, ValueError, "the TT form is for those layers"),
         ({"tt": {"0.weight": ((5, 12), (24,))}}, ValueError, "equal length"),
         ({"tt": "yes"}, TypeError, "mapping"),
         ({"sparse": "coo"}, ValueError, "sparse must be"),
@@ -244,6 +244,30 @@ def test_convolution_with_unstructured_zeros_stays_dense_with_a_note():
     same, summary = factorize(conv, sparse="csr")
     assert type(same) is nn.Conv2d
     zeros = int((conv.weight == 0).sum())
-    assert f"{zeros} of 576 weights are zero, left dense (CSR is for nn.Linear)" in (
-        summary.layers[0].reason
-    )
+    note = f"{zeros} of 576 weights are zero, left dense (CSR is for nn.Linear and transformers'"
+    assert note in summary.layers[0].reason
+
+
+def test_transformers_conv1d_takes_the_tt_and_csr_forms():
+    """GPT-2's Conv1D (weight stored in x out) is the linear map of weight.T: factorize gives
+    it the TT and CSR forms, the outputs stay, and load_factorized rebuilds it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=40, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    block = model.transformer.h[0]
+    with torch.no_grad():
+        W = block.mlp.c_fc.weight.T  # 128 x 32
+        block.mlp.c_fc.weight.copy_(tt_round(W, *default_layout(*W.shape), 2).T)
+        block.mlp.c_proj.weight.mul_(torch.rand(block.mlp.c_proj.weight.shape) < 0.1)
+    x = torch.randint(0, 40, (2, 8))
+    small, summary = factorize(model, tt=True, sparse="csr")
+    forms = {row.name: row.split for row in summary.layers}
+    assert forms["transformer.h.0.mlp.c_fc.weight"] == "tt"
+    assert forms["transformer.h.0.mlp.c_proj.weight"] == "csr"
+    assert isinstance(small.transformer.h[0].mlp.c_fc, TTLinear)
+    assert isinstance(small.transformer.h[0].mlp.c_proj, SparseLinear)
+    torch.testing.assert_close(small(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    fresh = transformers.GPT2LMHeadModel(cfg).eval()
+    rebuilt = load_factorized(fresh, small.state_dict())
+    assert torch.equal(rebuilt(x).logits, small(x).logits)

@@ -213,6 +213,13 @@ def _shape_attrs(module: nn.Module) -> dict[str, Any]:
     return {key: getattr(module, key) for key in SHAPE_ATTRS if hasattr(module, key)}
 
 
+def _is_linear_layer(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D``: a layer a :class:`TTLinear` or
+    :class:`SparseLinear` of its ``out x in`` matrix replaces (both map ``(..., in)`` to
+    ``(..., out)``)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
 def _layer_unit(module: nn.Module, name: str) -> _Unit | None:
     """The unit of a Linear / ConvNd / ConvTransposeNd / transformers Conv1D weight."""
     if isinstance(module, nn.Linear):
@@ -504,11 +511,14 @@ def _compact(unit: _Unit, opts: _Options, row: LayerSummary) -> nn.Module | None
     ``nn.Linear`` weight when it stores fewer numbers than the form ``row`` chose (and saves
     ``min_saving``); ``row`` is updated. Otherwise None, and ``row.reason`` notes what the
     other forms would cost and exact zeros left dense."""
-    W, b = unit.weight, unit.bias
-    if not isinstance(unit.module, nn.Linear):
+    W, b = unit.weight, unit.bias  # a Conv1D's weight.T: the same map as nn.Linear(W, b)
+    if not _is_linear_layer(unit.module):
         zeros = W.numel() - int(torch.count_nonzero(W.detach()))
         if zeros and not row.factorized:
-            note = f"{zeros} of {W.numel()} weights are zero, left dense (CSR is for nn.Linear)"
+            note = (
+                f"{zeros} of {W.numel()} weights are zero, left dense (CSR is for nn.Linear "
+                "and transformers' Conv1D)"
+            )
             row.reason = f"{row.reason}; {note}" if row.reason else note
         return None
     m, n = W.shape
@@ -574,14 +584,15 @@ def _check_forms(
     for t in targets:
         path, _, attr = t.param_name.rpartition(".")
         module = model.get_submodule(path)
-        if attr == "weight" and isinstance(module, nn.Linear):
-            linears[t.param_name] = linears[path] = tuple(t.param.shape)
+        if attr == "weight" and _is_linear_layer(module):
+            shape = tuple(t.param.shape)  # a Conv1D stores in x out
+            linears[t.param_name] = linears[path] = shape[::-1] if _is_conv1d(module) else shape
     for key, layout in tt.items():
         if key not in linears:
             raise ValueError(
-                f"tt names {key!r}, which is not a selected nn.Linear weight (or its layer): "
-                "the TT form is for nn.Linear layers (others get the dense or low-rank form); "
-                f"selected nn.Linear: {sorted(linears)}"
+                f"tt names {key!r}, which is not a selected nn.Linear (or transformers Conv1D) "
+                "weight or its layer: the TT form is for those layers (others get the dense or "
+                f"low-rank form); selected: {sorted(linears)}"
             )
         m, n = linears[key]
         ok = isinstance(layout, Sequence) and len(layout) == 2
@@ -662,8 +673,9 @@ def factorize(
     :mod:`proxrank.factorize.prune`. The summary says why zero units that stay were kept. The
     pruned model equals the original in eval mode (BatchNorm running statistics, no dropout).
 
-    An ``nn.Linear`` weight can also take two other forms, each used when it stores fewer
-    numbers than the dense or low-rank form (and saves ``min_saving``):
+    An ``nn.Linear`` (or transformers ``Conv1D``, as the linear map of its ``weight.T``) weight
+    can also take two other forms, each used when it stores fewer numbers than the dense or
+    low-rank form (and saves ``min_saving``):
 
     * ``tt``: a :class:`TTLinear` of the weight's TT-SVD in its TT-matrix layout, at the TT
       ranks of the tolerance (each unfolding's singular values ``> max(atol, rtol s_1)``,
@@ -696,13 +708,14 @@ def factorize(
         prune: remove zero units first (structured pruning, above). A layer named in a ``tt``
             mapping keeps its shape (its layout fits that shape), and so do its neighbours'
             matching units.
-        tt: ``True``: try the TT form for every selected ``nn.Linear`` weight, in
+        tt: ``True``: try the TT form for every selected ``nn.Linear`` / ``Conv1D`` weight, in
             :func:`proxrank.tt.default_layout` ``(m, n)``; a mapping from weight names
             (``"fc.weight"``) or layer names (``"fc"``) to ``(row_shape, col_shape)``: those
             layouts (the layout the weight was trained in: ``ProxRank(prox="tt")`` uses the
             default layout unless given one), the default layout for the other Linears.
             ``False`` (default): no TT form.
-        sparse: ``"csr"``: try the CSR form for every selected ``nn.Linear`` weight; ``None``
+        sparse: ``"csr"``: try the CSR form for every selected ``nn.Linear`` / ``Conv1D``
+            weight; ``None``
             (default): none.
 
     Returns:
@@ -810,13 +823,13 @@ def _restored(module: nn.Module, prefix: str, state: Mapping[str, Any]) -> nn.Mo
         return FactorizedMultiheadAttention(module, *projs)
     key = f"{prefix}first.weight"
     unit = _layer_unit(module, "")
-    if isinstance(module, nn.Linear) and f"{prefix}tt_shape" in state:
+    if _is_linear_layer(module) and f"{prefix}tt_shape" in state:
         rows, cols = (tuple(int(k) for k in s) for s in state[f"{prefix}tt_shape"])
         cores = [torch.zeros(state[f"{prefix}cores.{k}"].shape) for k in range(len(rows))]
         bias = state.get(f"{prefix}bias")
         layer = TTLinear(cores, rows, cols, None if bias is None else torch.zeros(bias.shape))
         return layer.to(module.weight)
-    if isinstance(module, nn.Linear) and f"{prefix}crow_indices" in state:
+    if _is_linear_layer(module) and f"{prefix}crow_indices" in state:
         m, n = (int(k) for k in state[f"{prefix}shape"])
         crow, cols = state[f"{prefix}crow_indices"], state[f"{prefix}col_indices"]
         bias = state.get(f"{prefix}bias")
