@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,13 +36,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 import proxrank
 from proxrank.bcd import NNBCD
 from proxrank.tt import TTRound
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling digits.py
+from digits import data, linears, mlp
 
 BATCH = 64
 LR = 1e-3
@@ -68,26 +70,7 @@ class Row:
 
 
 def load(hidden: int, seed: int = 0) -> Data:
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=seed, stratify=y)
-    mean, std = Xtr.mean(0), Xtr.std(0) + 1e-6
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
-    return Data(f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte), hidden)
-
-
-def mlp(hidden: int, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(64, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
-    )
-
-
-def linears(model: nn.Module) -> list[nn.Linear]:
-    return [m for m in model if isinstance(m, nn.Linear)]
+    return Data(*data(seed), hidden)
 
 
 @torch.no_grad()

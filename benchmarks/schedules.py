@@ -25,44 +25,24 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 import proxrank
 from proxrank.budget import layer_cost
 from proxrank.functional import project_rank
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling digits.py
+from digits import data, linears, mlp
+
 HIDDEN = 128
 BATCH = 64
 LR = 1e-3
 
-
-def data(seed: int = 0):
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=seed, stratify=y)
-    mean, std = Xtr.mean(0), Xtr.std(0) + 1e-6
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
-    return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
-
-
-def mlp(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(64, HIDDEN),
-        nn.ReLU(),
-        nn.Linear(HIDDEN, HIDDEN),
-        nn.ReLU(),
-        nn.Linear(HIDDEN, 10),
-    )
-
-
-def linears(model: nn.Module) -> list[nn.Linear]:
-    return [m for m in model if isinstance(m, nn.Linear)]
 
 
 def train(model, opt, Xtr, ytr, epochs, seed, after_step=None) -> None:
@@ -113,7 +93,7 @@ def size(model) -> tuple[int, list[int]]:
 
 
 def run(method: str, seed: int, args, Xtr, ytr) -> nn.Module:
-    model = mlp(seed)
+    model = mlp(HIDDEN, seed)
     adam = torch.optim.Adam(model.parameters(), lr=LR)
     first, rest = args.epochs - args.finetune, args.finetune
     if method in ("one-shot", "one-shot + fine-tune"):
@@ -173,8 +153,8 @@ def main() -> None:
     }
     print(" ".join(f"{k}={v}" for k, v in machine.items()))
     Xtr, ytr, Xte, yte = data()
-    dense = sum(m.weight.numel() for m in linears(mlp(0)))
-    biases = sum(m.bias.numel() for m in linears(mlp(0)))
+    dense = sum(m.weight.numel() for m in linears(mlp(HIDDEN)))
+    biases = sum(m.bias.numel() for m in linears(mlp(HIDDEN)))
     print(
         f"MLP 64-{HIDDEN}-{HIDDEN}-10 on digits ({len(Xtr)} train / {len(Xte)} test), "
         f"{dense} weights + {biases} biases; budget {args.budget} = {int(args.budget * dense)} "
@@ -195,7 +175,7 @@ def main() -> None:
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             if method.startswith("dense"):
-                model = mlp(seed)
+                model = mlp(HIDDEN, seed)
                 adam = torch.optim.Adam(model.parameters(), lr=LR)
                 train(model, adam, Xtr, ytr, args.epochs, seed)
             else:

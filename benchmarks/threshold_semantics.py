@@ -25,38 +25,21 @@ import argparse
 import itertools
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 import proxrank
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling digits.py
+from digits import data, mlp
+
 SEMANTICS = ("current", "initial", "cumulative")
 BATCH = 64
 QUICK = {"hidden": 32, "epochs": 3, "eval_every": 5}
-
-
-def data(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=seed, stratify=y)
-    mean, std = Xtr.mean(0), Xtr.std(0) + 1e-6
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)  # noqa: E731
-    return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
-
-
-def mlp(hidden: int, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(64, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
-    )
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
