@@ -36,5 +36,15 @@ def matrices(draw, min_side=1, max_side=8, batch=False):
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: small problems run far faster on one thread than on
+    two contended ones (``pytestmark = pytest.mark.usefixtures("one_thread")`` for a file)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)

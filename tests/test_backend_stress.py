@@ -33,13 +33,7 @@ TOL = 1e-4
 KINDS = ("random", "decaying", "cluster", "zero", "deficient", "gap")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small decompositions run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_backend(name: str):

@@ -28,13 +28,7 @@ from proxrank.tt import tt_round
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one thread avoids oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prune(w, k):

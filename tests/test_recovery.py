@@ -24,15 +24,6 @@ from proxrank.recovery import Completion, DeepLinear, Factorization, Sensing, re
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    """Small float64 products: one thread avoids oversubscribing a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train(net: DeepLinear, problem, lr: float, iters: int, tol: float = 0.0) -> list[float]:
     """Plain gradient descent on ``problem.loss(net.matrix())``: the error before each step,
     stopping once it is at most ``tol``."""
